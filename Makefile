@@ -1,0 +1,28 @@
+# `make run` and `make test` set themselves up on a fresh machine (see scripts/setup.sh).
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.setup-stamp
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: setup run test test-all lint clean
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+run: $(STAMP)
+	$(PY) run.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -m "" $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check vittm tests run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,13 @@
+"""vittm: Vision Token Turing Machines (Jajal et al., WACV 2025) as timm models plus a Hydra/Lightning framework.
+
+``import vittm`` registers ``vittm_{test,tiny,small,base,large}`` with timm, so ``timm.create_model`` builds them.
+"""
+
+from vittm import models  # noqa: F401  (registers the timm entrypoints)
+from vittm.models import ViTTM, load_vit_checkpoint
+from vittm.registry import FUSIONS, MEMORY_BLOCKS, PROCESS_EMBEDS, REGISTRIES, RW_HEADS, Registry
+
+__version__ = "0.1.0"
+__all__ = [
+    "FUSIONS", "MEMORY_BLOCKS", "PROCESS_EMBEDS", "REGISTRIES", "RW_HEADS", "Registry", "ViTTM", "load_vit_checkpoint",
+]

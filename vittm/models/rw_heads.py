@@ -1,0 +1,187 @@
+"""Read/write heads of ViTTM (SPEC §4): move information from a source stream into a destination stream.
+
+Every head maps ``src (B, N, D)`` and ``dst (B, M, D)`` to an output shaped like ``dst``: ``(B, M, D)``.
+A read is ``head(src=memory, dst=process)``, a write ``head(src=process, dst=memory)``. No head adds its own
+residual: the fusion (fusion.py) combines the output with the target stream.
+
+The model passes the dims it owns (``dim``, ``num_heads``, ``num_src``, ``num_dst``); everything else in a
+constructor is a knob a config may set (``latent_size_scale``, ``reduced_dim``, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from torch import nn
+
+from vittm.registry import RW_HEADS
+
+
+def latent_width(dim: int, scale: int, name: str, num_heads: int | None = None) -> int:
+    """c = D // latent_size_scale, checked to divide evenly (and to split over heads when multi-head)."""
+    if not isinstance(scale, int) or scale < 1 or dim % scale:
+        raise ValueError(f"rw_head {name!r}: latent_size_scale={scale!r} must be a positive integer dividing D={dim}")
+    c = dim // scale
+    if num_heads is not None and c % num_heads:
+        raise ValueError(
+            f"rw_head {name!r}: latent width c = D/latent_size_scale = {dim}/{scale} = {c} must be divisible by "
+            f"num_heads={num_heads}; pick latent_size_scale so that (D/scale) % heads == 0"
+        )
+    return c
+
+
+def check_heads(dim: int, num_heads: int, name: str) -> None:
+    if dim % num_heads:
+        raise ValueError(f"rw_head {name!r}: D={dim} must be divisible by num_heads={num_heads}")
+
+
+def check_tokens(head: nn.Module, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Heads whose weights depend on token counts only work at the resolution they were built for."""
+    if src.shape[1] != head.num_src or dst.shape[1] != head.num_dst:
+        raise ValueError(
+            f"rw_head {head.registry_name!r} was built for {head.num_src} source and {head.num_dst} destination "
+            f"tokens but got {src.shape[1]} and {dst.shape[1]}: its weights depend on the token counts, so it only "
+            f"runs at the img_size it was built for (build the model with the new img_size instead)"
+        )
+
+
+@RW_HEADS.register("lin")
+class LinearAttentionHead(nn.Module):
+    """Linear attention (Katharopoulos et al. 2020), φ(x) = elu(x) + 1; linear in N and M. The published head.
+
+    Per head: out_m = φ(q_m) · Σ_n φ(k_n)ᵀ v_n / (φ(q_m) · Σ_n φ(k_n) + eps). No output projection (SPEC fix).
+    k and v share their input, so they come from one fused projection (same maths as two Linear layers).
+    """
+
+    def __init__(self, dim: int, num_heads: int, latent_size_scale: int = 4, eps: float = 1e-6) -> None:
+        super().__init__()
+        check_heads(dim, num_heads, "lin")
+        self.c = latent_width(dim, latent_size_scale, "lin", num_heads)
+        self.num_heads, self.eps = num_heads, eps
+        self.q = nn.Linear(dim, self.c)
+        self.kv = nn.Linear(dim, self.c + dim)  # [W_k | W_v]
+
+    def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        B, N, D = src.shape
+        M, h = dst.shape[1], self.num_heads
+        q = F.elu(self.q(dst)).add(1).view(B, M, h, -1)  # (B, M, h, c/h)
+        k, v = self.kv(src).split([self.c, D], dim=-1)
+        k = F.elu(k).add(1).view(B, N, h, -1)  # (B, N, h, c/h)
+        v = v.view(B, N, h, -1)  # (B, N, h, D/h)
+        kv = torch.einsum("bnhc,bnhd->bhcd", k, v)  # Σ_n k_nᵀ v_n: (B, h, c/h, D/h)
+        num = torch.einsum("bmhc,bhcd->bmhd", q, kv)  # (B, M, h, D/h)
+        den = torch.einsum("bmhc,bhc->bmh", q, k.sum(dim=1)) + self.eps  # (B, M, h)
+        return (num / den.unsqueeze(-1)).reshape(B, M, D)
+
+
+@RW_HEADS.register("ca")
+class CrossAttentionHead(nn.Module):
+    """Multi-head softmax cross-attention of dst over src; q, k, v each LayerNorm'ed, then an output projection."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        check_heads(dim, num_heads, "ca")
+        self.num_heads = num_heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm, self.v_norm = (nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        B, N, D = src.shape
+        M, h = dst.shape[1], self.num_heads
+        q = self.q_norm(self.q(dst)).view(B, M, h, -1).transpose(1, 2)  # (B, h, M, D/h)
+        k = self.k_norm(self.k(src)).view(B, N, h, -1).transpose(1, 2)  # (B, h, N, D/h)
+        v = self.v_norm(self.v(src)).view(B, N, h, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)  # default scale (D/h)^-1/2
+        return self.proj(out.transpose(1, 2).reshape(B, M, D))
+
+
+@RW_HEADS.register("lca")
+class LatentCrossAttentionHead(nn.Module):
+    """Efficient-attention style: softmax(q) over features, softmax(kᵀ) over tokens, out = q (kᵀ v)."""
+
+    def __init__(self, dim: int, num_heads: int, latent_size_scale: int = 4) -> None:
+        super().__init__()
+        check_heads(dim, num_heads, "lca")
+        c = latent_width(dim, latent_size_scale, "lca", num_heads)
+        self.num_heads = num_heads
+        self.q, self.k, self.v = nn.Linear(dim, c), nn.Linear(dim, c), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = nn.LayerNorm(c, eps=1e-6), nn.LayerNorm(c, eps=1e-6)
+        self.v_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        B, N, D = src.shape
+        M, h = dst.shape[1], self.num_heads
+        q = self.q_norm(self.q(dst)).view(B, M, h, -1).transpose(1, 2).softmax(dim=-1)  # (B, h, M, c/h)
+        k = self.k_norm(self.k(src)).view(B, N, h, -1).transpose(1, 2).softmax(dim=2)  # over the N tokens
+        v = self.v_norm(self.v(src)).view(B, N, h, -1).transpose(1, 2)  # (B, h, N, D/h)
+        out = q @ (k.transpose(-2, -1) @ v)  # (B, h, M, c/h) @ (B, h, c/h, D/h)
+        return self.proj(out.transpose(1, 2).reshape(B, M, D))
+
+
+@RW_HEADS.register("la")
+class LatentAttentionHead(nn.Module):
+    """Single-head latent attention: out = softmax_c(MLP_q(LN dst)) · (softmax_N(MLP_k(LN src)ᵀ) · src)."""
+
+    def __init__(self, dim: int, latent_size_scale: int = 4, hidden_dim: int = 64) -> None:
+        super().__init__()
+        c = latent_width(dim, latent_size_scale, "la")
+        self.q_norm, self.k_norm = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.q_mlp = Mlp(dim, hidden_dim, c, act_layer=nn.GELU)
+        self.k_mlp = Mlp(dim, hidden_dim, c, act_layer=nn.GELU)
+
+    def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        a_dst = self.q_mlp(self.q_norm(dst)).softmax(dim=-1)  # (B, M, c)
+        a_src = self.k_mlp(self.k_norm(src)).transpose(1, 2).softmax(dim=-1)  # (B, c, N), softmax over tokens
+        return a_dst @ (a_src @ src)  # values are the raw src tokens: (B, M, c) @ (B, c, D)
+
+
+@RW_HEADS.register("tl")
+class TokenLearnerHead(nn.Module):
+    """TokenLearner over src ∪ dst: M learned softmax poolings of the N+M concatenated tokens."""
+
+    def __init__(self, dim: int, num_src: int, num_dst: int) -> None:
+        super().__init__()
+        self.num_src, self.num_dst = num_src, num_dst
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, num_dst, num_dst, act_layer=nn.GELU)  # D -> M -> M
+
+    def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        check_tokens(self, src, dst)
+        z = torch.cat([src, dst], dim=1)  # (B, N+M, D)
+        attn = self.mlp(self.norm(z)).transpose(1, 2).softmax(dim=-1)  # (B, M, N+M)
+        return attn @ z
+
+
+@RW_HEADS.register("dyna")
+class DynaMixerHead(nn.Module):
+    """DynaMixer-style token mixing (Wang et al. 2022): per-sample mixing matrices generated from the tokens.
+
+    Z = LN(src ∪ dst) (B, L=N+M, D). Each token is compressed to h·r numbers; per head, the L·r numbers generate
+    an (M × L) matrix (one generator shared by the heads), softmax over L, which mixes that head's D/h channels.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_src: int, num_dst: int, reduced_dim: int = 2) -> None:
+        super().__init__()
+        check_heads(dim, num_heads, "dyna")
+        if not isinstance(reduced_dim, int) or reduced_dim < 1:
+            raise ValueError(f"rw_head 'dyna': reduced_dim={reduced_dim!r} must be a positive integer")
+        self.num_heads, self.reduced_dim = num_heads, reduced_dim
+        self.num_src, self.num_dst = num_src, num_dst
+        tokens = num_src + num_dst
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.compress = nn.Linear(dim, num_heads * reduced_dim)
+        self.generate = nn.Linear(tokens * reduced_dim, tokens * num_dst)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        check_tokens(self, src, dst)
+        z = self.norm(torch.cat([src, dst], dim=1))  # (B, L, D)
+        B, L, D = z.shape
+        M, h = self.num_dst, self.num_heads
+        codes = self.compress(z).view(B, L, h, self.reduced_dim).transpose(1, 2).reshape(B, h, L * self.reduced_dim)
+        mix = self.generate(codes).view(B, h, M, L).softmax(dim=-1)  # (B, h, M, L)
+        out = mix @ z.view(B, L, h, D // h).transpose(1, 2)  # (B, h, M, D/h)
+        return self.proj(out.transpose(1, 2).reshape(B, M, D))
