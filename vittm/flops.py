@@ -67,3 +67,32 @@ def count_macs(
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vittm.flops vittm_base vit_base_patch16_224 [--img-size 224] [--set memory_ps=16 ...]``"""
+    import argparse
+
+    import yaml
+
+    from vittm.models import create_model
+
+    parser = argparse.ArgumentParser(description="Parameters and MACs at batch 1 (built on the meta device).")
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="ViTTM keyword arguments (YAML)")
+    args = parser.parse_args(argv)
+    extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    print("| model | params (M) | GMACs | GMACs incl. LayerNorm (fvcore) |\n| --- | --- | --- | --- |")
+    for name in args.models:
+        with torch.device("meta"):
+            model = create_model(name, img_size=args.img_size, **(extra if name.startswith("vittm_") else {}))
+        size = (model.in_chans if hasattr(model, "in_chans") else 3, args.img_size, args.img_size)
+        print(
+            f"| {name} {extra if name.startswith('vittm_') and extra else ''} | {count_params(model) / 1e6:.2f} | "
+            f"{count_macs(model, size) / 1e9:.3f} | {count_macs(model, size, count_norms=True) / 1e9:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

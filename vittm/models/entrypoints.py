@@ -32,7 +32,8 @@ def _cfg(input_size: tuple[int, int, int] = (3, 224, 224)) -> dict[str, Any]:
         url="", num_classes=1000, input_size=input_size, pool_size=None, crop_pct=224 / 256, interpolation="bicubic",
         fixed_input_size=False, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         first_conv=("memory_embed", "process_embed.proj"), classifier=("head", "process_head"),
-        license="apache-2.0", paper_ids="arXiv:2409.07613", paper_name="Token Turing Machines are Efficient Vision Models",
+        license="apache-2.0", paper_ids="arXiv:2409.07613",
+        paper_name="Token Turing Machines are Efficient Vision Models",
     )
 
 

@@ -34,7 +34,9 @@ class MlpMemoryBlock(NoMemoryBlock):
         super().__init__()
         hidden = int(dim * memory_mlp_ratio)
         if hidden < 1:
-            raise ValueError(f"memory_block 'mlp': memory_mlp_ratio={memory_mlp_ratio!r} gives no hidden units at D={dim}")
+            raise ValueError(
+                f"memory_block 'mlp': memory_mlp_ratio={memory_mlp_ratio!r} gives no hidden units at D={dim}"
+            )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, hidden, act_layer=nn.GELU)
 

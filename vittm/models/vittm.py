@@ -211,8 +211,8 @@ class ViTTM(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(
-            stem=r"^(memory_embed|process_embed|memory_pos_embed|process_pos_embed)",
-            blocks=[(r"^layers\.(\d+)", None), (r"^(process_norm|fc_norm|process_fc_norm)", (99999,))],
+            stem=r"^(?:memory_embed|process_embed|memory_pos_embed|process_pos_embed)",
+            blocks=[(r"^layers\.(\d+)", None), (r"^(?:process_norm|fc_norm|process_fc_norm)", (99999,))],
         )
 
     @torch.jit.ignore

@@ -1,0 +1,56 @@
+"""The config tree: option files match the registries, and every option composes and builds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import vittm  # noqa: F401
+from vittm.registry import REGISTRIES
+from vittm.summary import build_from_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_with(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("family", sorted(REGISTRIES))
+def test_option_files_equal_registry_names(family):
+    assert options(family) == REGISTRIES[family].names()
+    for name in options(family):  # and each file names its own key
+        assert compose_with(f"{family}={name}")[family].name == name
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_option_builds(model):
+    cfg = compose_with(f"model={model}")
+    with torch.device("meta"):
+        net = build_from_config(cfg)
+    size = cfg.model.img_size
+    assert net(torch.zeros(1, 3, size, size, device="meta")).shape == (1, 1000)
+
+
+@pytest.mark.parametrize(
+    "override", [f"{family}={name}" for family in sorted(REGISTRIES) for name in options(family)]
+)
+def test_every_component_option_builds_and_runs(override):
+    cfg = compose_with("model=vittm_test", "model.num_classes=3", override)
+    out = build_from_config(cfg)(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+
+
+def test_read_write_overrides_from_the_command_line():
+    cfg = compose_with("model=vittm_test", "model.read_head=ca", "+model.write_head={name: lca, latent_size_scale: 2}")
+    net = build_from_config(cfg)
+    assert type(net.layers[0].read).registry_name == "ca"
+    assert type(net.layers[0].write).registry_name == "lca"
