@@ -18,6 +18,7 @@ fi
 
 command -v "$PYTHON" >/dev/null || { echo "setup: $PYTHON not found (vittm needs Python 3.11)" >&2; exit 1; }
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-# torch/torchvision resolve from this machine's local wheel cache (pinned in pyproject.toml).
-.venv/bin/pip install -q -e '.[dev,sweep]'
+# torch/torchvision resolve from this machine's local wheel cache (pinned in pyproject.toml). pip's warnings about
+# the machine's empty local index folders ("... is ignored: it is neither a file nor a directory") are filtered.
+.venv/bin/pip install -q -e '.[dev,sweep]' 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 .venv/bin/python -c "import vittm, timm, lightning, hydra; print('setup: ok,', len(timm.list_models('vittm*')), 'ViTTM models')"
