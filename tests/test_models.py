@@ -95,7 +95,7 @@ def test_two_input_sizes(combo):
         for size in (32, 48):
             out = tiny(img_size=size, **combo)(torch.randn(2, 3, size, size))
             assert out.shape == (2, 5) and torch.isfinite(out).all()
-        with pytest.raises(ValueError, match="img_size it was built for"):
+        with pytest.raises(ValueError, match="input size 48x48 differs from img_size=32x32, and this model uses"):
             tiny(**combo)(torch.randn(1, 3, 48, 48))
     else:  # one model, position tables resampled for the other size
         model = tiny(**combo)
@@ -205,10 +205,13 @@ def test_bad_input_raises_one_clear_error(kwargs, message):
 def test_input_size_checked_at_forward():
     with pytest.raises(ValueError, match="input size 30x30 is not divisible by memory_ps=4"):
         tiny()(torch.randn(1, 3, 30, 30))
+    with pytest.raises(ValueError, match=r"differs from img_size=32x32, and this model uses \['add_erase', 'tl'\]"):
+        tiny(rw_head="tl", fusion="add_erase")(torch.randn(1, 3, 48, 48))
+    # the components check too when used on their own
     with pytest.raises(ValueError, match="'tl' was built for 64 source and 16 destination tokens but got 144"):
-        tiny(rw_head="tl")(torch.randn(1, 3, 48, 48))
+        RW_HEADS.build("tl", dim=32, num_src=64, num_dst=16)(torch.randn(1, 144, 32), torch.randn(1, 36, 32))
     with pytest.raises(ValueError, match="'add_erase' was built for 16 target tokens but got 36"):
-        tiny(fusion="add_erase")(torch.randn(1, 3, 48, 48))
+        FUSIONS.build("add_erase", dim=32, num_tokens=16)(torch.randn(1, 36, 32), torch.randn(1, 36, 32))
 
 
 def test_eval_heads_and_skipped_last_write():

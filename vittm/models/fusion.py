@@ -35,6 +35,8 @@ class AddEraseFusion(nn.Module):
     The gate predicts one value per target token, so the module is tied to the token count it was built for.
     """
 
+    size_bound = True
+
     def __init__(self, dim: int, num_tokens: int) -> None:
         super().__init__()
         self.num_tokens = num_tokens

@@ -142,6 +142,8 @@ class LatentAttentionHead(nn.Module):
 class TokenLearnerHead(nn.Module):
     """TokenLearner over src ∪ dst: M learned softmax poolings of the N+M concatenated tokens."""
 
+    size_bound = True  # weights depend on N and M
+
     def __init__(self, dim: int, num_src: int, num_dst: int) -> None:
         super().__init__()
         self.num_src, self.num_dst = num_src, num_dst
@@ -162,6 +164,8 @@ class DynaMixerHead(nn.Module):
     Z = LN(src ∪ dst) (B, L=N+M, D). Each token is compressed to h·r numbers; per head, the L·r numbers generate
     an (M × L) matrix (one generator shared by the heads), softmax over L, which mixes that head's D/h channels.
     """
+
+    size_bound = True  # weights depend on N and M
 
     def __init__(self, dim: int, num_heads: int, num_src: int, num_dst: int, reduced_dim: int = 2) -> None:
         super().__init__()
