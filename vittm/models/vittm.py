@@ -167,7 +167,7 @@ class ViTTM(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head, self.process_head = self._new_heads(num_classes)
         # Components whose weights depend on token counts tie the model to img_size (checked on every input).
-        self.size_bound = sorted({m.registry_name for m in self.modules() if getattr(m, "size_bound", False)})
+        self.size_bound_parts = sorted({m.registry_name for m in self.modules() if getattr(m, "size_bound", False)})
         self.init_weights()
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -238,10 +238,10 @@ class ViTTM(nn.Module):
     # -------------------------------------------------------------------------------------------- forward
     def _check_input(self, x: torch.Tensor) -> None:
         H, W = x.shape[-2:]
-        if self.size_bound and (H, W) != self.img_size:
+        if self.size_bound_parts and (H, W) != self.img_size:
             raise ValueError(
                 f"input size {H}x{W} differs from img_size={self.img_size[0]}x{self.img_size[1]}, and this model uses "
-                f"{self.size_bound}, whose weights depend on the token counts; build the model with "
+                f"{self.size_bound_parts}, whose weights depend on the token counts; build the model with "
                 f"img_size={H if H == W else (H, W)} (allowed for them: only the size they were built for)"
             )
         sizes = {"memory_ps": self.memory_ps}
