@@ -1,0 +1,220 @@
+"""The LightningModule: both heads' losses summed (SPEC §3), EMA, mixup/cutmix, metrics, optimizer and schedule.
+
+Every constructor argument is a plain dict or scalar and is saved with ``save_hyperparameters()``, so
+``ViTTMModule.load_from_checkpoint(path)`` needs nothing else. Library pieces do the work: timm's model EMA, Mixup,
+losses, optimizer and scheduler factories; torchmetrics for accuracy.
+
+Metric names: ``train/loss``, ``val/memory_acc1``, ``val/process_acc5``, ``val_ema/memory_acc1``, ... and
+``val/acc1``/``val/acc5`` for what ``model(x)`` returns (the ``eval_head`` of a ViTTM, the logits of a baseline).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import grad_norm
+from timm.data import Mixup
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from vittm.models import ViTTM, create_model
+from vittm.pretrained import load_pretrained
+
+# Trainable parameter names per freeze mode (everything else is frozen); "none" trains all.
+TRAINABLE = {
+    "embeddings": None,  # the inverse: freeze the patch embeddings and position tables, train the rest
+    "head_only": r"^(head|process_head|fc_norm|process_fc_norm)\.",
+    "peft": r"^(head|process_head|fc_norm|process_fc_norm)\.|^layers\.\d+\.(read|write)\.|pos_embed",
+}
+EMBEDDINGS = r"^(memory_embed|process_embed|memory_pos_embed|process_pos_embed|patch_embed|pos_embed|cls_token)"
+
+
+def apply_freeze(net: nn.Module, mode: str) -> None:
+    """``none`` | ``embeddings`` | ``head_only`` | ``peft`` (read/write heads, every norm, positions, heads)."""
+    if mode == "none":
+        return
+    norms = {f"{n}.{p}" for n, m in net.named_modules() if isinstance(m, nn.LayerNorm) for p, _ in m.named_parameters()}
+    for name, param in net.named_parameters():
+        if mode == "embeddings":
+            param.requires_grad_(not re.match(EMBEDDINGS, name))
+        else:
+            param.requires_grad_(bool(re.search(TRAINABLE[mode], name)) or (mode == "peft" and name in norms))
+
+
+class ViTTMModule(L.LightningModule):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optimizer: dict[str, Any],
+        schedule: dict[str, Any],
+        loss: dict[str, Any],
+        augment: dict[str, Any] | None = None,
+        ema: dict[str, Any] | None = None,
+        freeze: str = "none",
+        compile: bool = False,
+        log_grad_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = create_model(**model)
+        apply_freeze(self.net, freeze)
+        self.num_classes = model["num_classes"]
+        self.two_heads = isinstance(self.net, ViTTM)
+        self.ema = self._new_ema()
+        # torch.compile wraps a callable kept outside the module tree, so checkpoints stay the same either way.
+        self.__dict__["_run"] = torch.compile(self._forward_raw) if compile else self._forward_raw
+
+        aug = augment or {}
+        mixing = aug.get("mixup", 0) > 0 or aug.get("cutmix", 0) > 0
+        smoothing = loss.get("label_smoothing", 0.0)
+        self.mixup = Mixup(
+            mixup_alpha=aug.get("mixup", 0.0), cutmix_alpha=aug.get("cutmix", 0.0), prob=aug.get("mix_prob", 1.0),
+            switch_prob=0.5, mode="batch", label_smoothing=smoothing, num_classes=self.num_classes,
+        ) if mixing else None
+        if loss["name"] == "bce":
+            self.criterion = BinaryCrossEntropy(
+                smoothing=0.0 if mixing else smoothing,  # Mixup already smoothed the targets
+                target_threshold=loss.get("target_threshold"), sum_classes=loss.get("sum_classes", False),
+            )
+        elif mixing:
+            self.criterion = SoftTargetCrossEntropy()
+        else:
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=smoothing)
+
+        k = min(5, self.num_classes)
+        self.metrics = nn.ModuleDict()
+        for prefix in ("val", "val_ema") if self.ema is not None else ("val",):
+            for head in self.head_names + [""]:
+                for top in (1, 5):
+                    self.metrics[self.metric_key(prefix, head, top)] = MulticlassAccuracy(
+                        self.num_classes, top_k=min(top, k), average="micro"
+                    )
+            self.metrics[f"{prefix}|loss"] = MeanMetric()
+
+    # ------------------------------------------------------------------------------------------ helpers
+    @property
+    def head_names(self) -> list[str]:
+        return ["memory", "process"] if self.two_heads else []
+
+    @staticmethod
+    def metric_key(prefix: str, head: str, top: int) -> str:
+        return f"{prefix}|{head + '_' if head else ''}acc{top}"  # ModuleDict keys cannot hold "/"
+
+    def _new_ema(self) -> ModelEmaV3 | None:
+        cfg = self.hparams.ema or {}
+        if not cfg.get("enabled", True):
+            return None
+        # timm leaves the copy in eval mode; Lightning switches modes itself (eval for validation), and would warn
+        # about a module left in eval mode at the start of training.
+        return ModelEmaV3(self.net, decay=cfg.get("decay", 0.999)).train()
+
+    def _forward_raw(self, x: torch.Tensor) -> Any:
+        return self.net.forward_both(x) if self.two_heads else self.net(x)
+
+    def outputs(self, x: torch.Tensor, net: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Logits by head name, plus ``""`` for what ``model(x)`` returns."""
+        raw = self._run(x) if net is None else (net.forward_both(x) if self.two_heads else net(x))
+        if not self.two_heads:
+            return {"": raw}
+        memory, process = raw
+        evaluated = {"memory": memory, "process": process, "mean": (memory + process) / 2}[self.net.eval_head]
+        return {"memory": memory, "process": process, "": evaluated}
+
+    def load_pretrained(self, path: str) -> list[str]:
+        """Fine-tuning start: weights from ``path`` (EMA weights of a Lightning checkpoint when present), both heads
+        left fresh for the new class count; the EMA restarts from the loaded weights."""
+        missing = load_pretrained(self.net, path)
+        apply_freeze(self.net, self.hparams.freeze)
+        self.ema = self._new_ema()
+        return missing
+
+    # ----------------------------------------------------------------------------------------- training
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        target = y
+        if self.mixup is not None:
+            x, target = self.mixup(x, y)
+        out = self.outputs(x)
+        heads = self.head_names or [""]
+        losses = {h: self.criterion(out[h], target) for h in heads}
+        loss = sum(losses.values())
+        self.log("train/loss", loss, prog_bar=True)
+        if self.two_heads:
+            self.log_dict({f"train/{h}_loss": v for h, v in losses.items()})
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable | None = None):
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.ema is not None:  # once per optimizer step, after the update (not per accumulated micro-batch)
+            self.ema.update(self.net, step=self.global_step)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.hparams.log_grad_norm:
+            self.log("train/grad_norm", grad_norm(self.net, norm_type=2)["grad_2.0_norm_total"])
+
+    # --------------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        nets = [("val", None)] + ([("val_ema", self.ema.module)] if self.ema is not None else [])
+        for prefix, net in nets:
+            out = self.outputs(x, net)
+            heads = self.head_names or [""]
+            self.metrics[f"{prefix}|loss"].update(sum(F.cross_entropy(out[h], y) for h in heads))
+            for head, logits in out.items():
+                for top in (1, 5):
+                    self.metrics[self.metric_key(prefix, head, top)].update(logits, y)
+        for key, metric in self.metrics.items():  # logged as Metric objects: Lightning syncs, computes and resets
+            self.log(key.replace("|", "/"), metric, on_step=False, on_epoch=True, prog_bar=key == "val|acc1")
+
+    # ---------------------------------------------------------------------------------- optimizer, schedule
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = dict(self.hparams.optimizer)
+        opt = create_optimizer_v2(
+            self.net, opt=o.pop("opt"), lr=o.pop("lr"), weight_decay=o.pop("weight_decay", 0.0),
+            filter_bias_and_bn=o.pop("exclude_norm_bias_pos", True), layer_decay=o.pop("layer_decay", None), **o,
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        planned = self.hparams.schedule.get("total_epochs")
+        by_epochs = self.trainer.max_steps in (-1, None) and (self.trainer.max_epochs or 0) > 0
+        if planned and by_epochs:  # a run meant to stop early: the schedule keeps its planned length
+            total = total * planned // self.trainer.max_epochs
+        sched = build_scheduler(opt, self.hparams.schedule, max(1, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        scheduler.step_update(num_updates=self.global_step)  # timm schedulers count optimizer steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint written by a tool that compiled the module in place carries "_orig_mod." in its keys.
+        state = checkpoint.get("state_dict", {})
+        if any("_orig_mod." in k for k in state):
+            checkpoint["state_dict"] = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Mapping[str, Any], total_steps: int) -> Any:
+    """timm's cosine / poly schedule in optimizer steps: linear warmup from ``warmup_lr`` to the optimizer's lr over
+    ``warmup_steps``, then decay to ``min_lr`` at ``total_steps`` (SPEC §9)."""
+    warmup = min(int(schedule["warmup_steps"]), total_steps - 1)
+    common = dict(
+        t_initial=max(1, total_steps - warmup), lr_min=schedule.get("min_lr", 0.0), warmup_t=warmup,
+        warmup_lr_init=schedule.get("warmup_lr", 0.0), warmup_prefix=True, t_in_epochs=False,
+    )
+    if schedule["name"] == "cosine":
+        return CosineLRScheduler(optimizer, **common)
+    return PolyLRScheduler(optimizer, power=schedule.get("power", 0.9), **common)
+
+
+def ema_state_dict(module: ViTTMModule) -> Mapping[str, torch.Tensor]:
+    """The EMA weights (or the live ones without EMA) as a plain model state dict."""
+    return (module.ema.module if module.ema is not None else module.net).state_dict()

@@ -1,0 +1,150 @@
+"""Every user-facing value checked before any data is read or anything is trained.
+
+``validate(cfg)`` collects all problems and raises one ``ConfigError`` with a line per problem, each naming the key,
+the value and what is allowed. ``run.py`` prints it without a traceback and exits with status 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vittm.errors import ConfigError
+
+OPTIMIZERS = ("adamw", "sgd", "lamb")
+SCHEDULES = ("cosine", "poly")
+LOSSES = ("ce", "bce")
+FREEZE = ("none", "embeddings", "head_only", "peft")
+PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64", "64-true")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate(cfg: DictConfig) -> None:
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, value: Any, rule: str) -> None:
+        if not ok:
+            problems.append(f"{key}={value!r}: {rule}")
+
+    need(cfg.mode in ("train", "eval", "summary"), "mode", cfg.mode, "choose train, eval or summary")
+    if cfg.mode == "eval":
+        need(bool(cfg.ckpt_path), "ckpt_path", cfg.ckpt_path, "mode=eval needs the checkpoint to evaluate")
+    for key in ("ckpt_path", "finetune.from_ckpt"):
+        path = OmegaConf.select(cfg, key)
+        need(not path or Path(path).is_file(), key, path, "file does not exist")
+
+    o = cfg.optimizer
+    need(o.opt in OPTIMIZERS, "optimizer.opt", o.opt, f"choose one of {list(OPTIMIZERS)}")
+    need(_number(o.lr) and o.lr > 0, "optimizer.lr", o.lr, "must be a number > 0")
+    need(_number(o.get("weight_decay", 0)) and o.get("weight_decay", 0) >= 0, "optimizer.weight_decay",
+         o.get("weight_decay"), "must be a number >= 0")
+
+    s = cfg.schedule
+    need(s.name in SCHEDULES, "schedule.name", s.name, f"choose one of {list(SCHEDULES)}")
+    need(_int(s.warmup_steps) and s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, "must be an integer >= 0")
+    planned = s.get("total_epochs")
+    need(planned is None or (_int(planned) and planned > 0), "schedule.total_epochs", planned,
+         "must be an integer > 0, or null for trainer.max_epochs")
+    for key in ("warmup_lr", "min_lr"):
+        need(_number(s.get(key, 0)) and s.get(key, 0) >= 0, f"schedule.{key}", s.get(key), "must be a number >= 0")
+
+    d = cfg.data
+    need(_int(d.batch_size) and d.batch_size > 0, "data.batch_size", d.batch_size, "must be an integer > 0")
+    need(_int(d.num_workers) and d.num_workers >= 0, "data.num_workers", d.num_workers, "must be an integer >= 0")
+
+    t = cfg.trainer
+    epochs, steps = t.get("max_epochs"), t.get("max_steps", -1)
+    if steps is None or steps == -1:
+        need(_int(epochs) and epochs > 0, "trainer.max_epochs", epochs, "must be an integer > 0 (or set trainer.max_steps)")
+    else:
+        need(_int(steps) and steps > 0, "trainer.max_steps", steps, "must be an integer > 0, or -1 to use max_epochs")
+    accumulate = t.get("accumulate_grad_batches", 1)
+    need(_int(accumulate) and accumulate >= 1, "trainer.accumulate_grad_batches", accumulate, "must be an integer >= 1")
+    need(str(t.get("precision", 32)) in PRECISIONS, "trainer.precision", t.get("precision"), f"choose one of {PRECISIONS}")
+    clip = t.get("gradient_clip_val")
+    need(clip is None or (_number(clip) and clip >= 0), "trainer.gradient_clip_val", clip, "must be >= 0 or null")
+
+    loss = cfg.loss
+    need(loss.name in LOSSES, "loss.name", loss.name, f"choose one of {list(LOSSES)}")
+    smooth = loss.get("label_smoothing", 0.0)
+    need(_number(smooth) and 0 <= smooth < 1, "loss.label_smoothing", smooth, "must be in [0, 1)")
+
+    a = cfg.augment
+    for key in ("mixup", "cutmix"):
+        need(_number(a.get(key, 0)) and a.get(key, 0) >= 0, f"augment.{key}", a.get(key), "alpha must be >= 0 (0: off)")
+    for key in ("mix_prob", "random_erasing", "hflip"):
+        value = a.get(key, 0)
+        need(_number(value) and 0 <= value <= 1, f"augment.{key}", value, "a probability in [0, 1]")
+    if a.get("randaugment"):
+        ra = a.randaugment
+        need(_int(ra.get("ops")) and ra.ops >= 1, "augment.randaugment.ops", ra.get("ops"), "an integer >= 1")
+        need(_int(ra.get("magnitude")) and 0 <= ra.magnitude <= 30, "augment.randaugment.magnitude",
+             ra.get("magnitude"), "an integer in [0, 30] (torchvision's 31 bins)")
+    if a.get("rrc_scale"):
+        lo, hi = a.rrc_scale
+        need(0 < lo <= hi <= 1, "augment.rrc_scale", list(a.rrc_scale), "two numbers 0 < low <= high <= 1")
+    if (a.get("mixup", 0) or a.get("cutmix", 0)) and _int(d.batch_size):
+        need(d.batch_size % 2 == 0, "data.batch_size", d.batch_size, "mixup/cutmix need an even batch size")
+
+    ema = cfg.ema
+    if ema.enabled:
+        need(_number(ema.decay) and 0 < ema.decay < 1, "ema.decay", ema.decay, "must be in (0, 1)")
+    need(cfg.finetune.freeze in FREEZE, "finetune.freeze", cfg.finetune.freeze, f"choose one of {list(FREEZE)}")
+
+    effective = cfg.get("effective_batch")
+    devices, nodes = t.get("devices", 1), t.get("num_nodes", 1)
+    if effective and _int(devices) and _int(nodes) and _int(d.batch_size) and _int(accumulate):
+        actual = d.batch_size * accumulate * devices * nodes
+        need(actual == effective, "effective_batch", effective,
+             f"data.batch_size x trainer.accumulate_grad_batches x trainer.devices x trainer.num_nodes = "
+             f"{d.batch_size} x {accumulate} x {devices} x {nodes} = {actual}; make them agree (or effective_batch=null)")
+
+    if cfg.mode == "train":
+        ckpt_dir = Path(cfg.output_dir) / "checkpoints"
+        existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+        resuming_here = cfg.ckpt_path and Path(cfg.ckpt_path).resolve().parent == ckpt_dir.resolve()
+        if existing and not resuming_here:
+            problems.append(
+                f"output_dir={str(cfg.output_dir)!r}: already holds checkpoints ({existing[0].name}, ...); resume with "
+                f"ckpt_path={ckpt_dir}/last.ckpt or choose a new hydra.run.dir: nothing is overwritten"
+            )
+
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def checkpoint_hparams(path: str | Path) -> dict[str, Any]:
+    """The hyper-parameters saved in a Lightning checkpoint (read with weights_only=True)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "hyper_parameters" not in ckpt or "model" not in ckpt["hyper_parameters"]:
+        raise ConfigError(f"ckpt_path={str(path)!r}: not a checkpoint of this framework (no saved model config)")
+    return ckpt["hyper_parameters"]
+
+
+def check_checkpoint(cfg: DictConfig, num_classes: int) -> None:
+    """A resumed or evaluated checkpoint must fit the data (fine-tuning on new classes uses finetune.from_ckpt)."""
+    if not cfg.ckpt_path:
+        return
+    saved = checkpoint_hparams(cfg.ckpt_path)["model"]
+    problems = []
+    if saved["num_classes"] != num_classes:
+        problems.append(
+            f"ckpt_path={str(cfg.ckpt_path)!r}: trained for {saved['num_classes']} classes but data "
+            f"{cfg.data.dataset!r} has {num_classes}; to start from it on new classes use finetune.from_ckpt=..."
+        )
+    if cfg.mode == "train" and saved["name"] != cfg.model.name:
+        problems.append(f"ckpt_path: the checkpoint is a {saved['name']!r} but model.name={cfg.model.name!r}")
+    if saved.get("in_chans", 3) != cfg.data.in_chans:
+        problems.append(f"ckpt_path: the checkpoint takes {saved.get('in_chans')} channels, data.in_chans={cfg.data.in_chans}")
+    if problems:
+        raise ConfigError("\n".join(problems))
