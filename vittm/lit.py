@@ -114,9 +114,9 @@ class ViTTMModule(L.LightningModule):
         cfg = self.hparams.ema or {}
         if not cfg.get("enabled", True):
             return None
-        # timm leaves the copy in eval mode; Lightning switches modes itself (eval for validation), and would warn
-        # about a module left in eval mode at the start of training.
-        return ModelEmaV3(self.net, decay=cfg.get("decay", 0.999)).train()
+        # timm's V3 copy keeps requires_grad (DDP would call those parameters unused) and sits in eval mode
+        # (Lightning switches modes itself, eval for validation, and warns about eval modules at the start of fit).
+        return ModelEmaV3(self.net, decay=cfg.get("decay", 0.999)).requires_grad_(False).train()
 
     def _forward_raw(self, x: torch.Tensor) -> Any:
         return self.net.forward_both(x) if self.two_heads else self.net(x)
@@ -170,7 +170,8 @@ class ViTTMModule(L.LightningModule):
         for prefix, net in nets:
             out = self.outputs(x, net)
             heads = self.head_names or [""]
-            self.metrics[f"{prefix}|loss"].update(sum(F.cross_entropy(out[h], y) for h in heads))
+            # weighted by batch size: the mean over images, whatever the batches and ranks
+            self.metrics[f"{prefix}|loss"].update(sum(F.cross_entropy(out[h], y) for h in heads), weight=len(y))
             for head, logits in out.items():
                 for top in (1, 5):
                     self.metrics[self.metric_key(prefix, head, top)].update(logits, y)
