@@ -24,6 +24,16 @@ def compose_with(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
+def test_every_group_option_composes():
+    groups = [p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "model_common")]
+    assert set(groups) >= {"model", "rw_head", "fusion", "process_embed", "memory_block", "data", "optimizer",
+                           "schedule", "augment", "loss", "trainer", "logger", "experiment"}
+    for group in groups:
+        for option in options(group):
+            cfg = compose_with(f"{group}={option}")
+            assert cfg.mode == "train", (group, option)
+
+
 @pytest.mark.parametrize("family", sorted(REGISTRIES))
 def test_option_files_equal_registry_names(family):
     assert options(family) == REGISTRIES[family].names()
@@ -32,12 +42,13 @@ def test_option_files_equal_registry_names(family):
 
 
 @pytest.mark.parametrize("model", options("model"))
-def test_every_model_option_builds(model):
-    cfg = compose_with(f"model={model}")
+@pytest.mark.parametrize("data", ["fashion_mnist", "imagenet"])
+def test_every_model_option_builds(model, data):
+    cfg = compose_with(f"model={model}", f"data={data}")  # channels and classes come from the data
     with torch.device("meta"):
         net = build_from_config(cfg)
-    size = cfg.model.img_size
-    assert net(torch.zeros(1, 3, size, size, device="meta")).shape == (1, 1000)
+    size, chans = cfg.model.img_size, cfg.data.in_chans
+    assert net(torch.zeros(1, chans, size, size, device="meta")).shape == (1, cfg.data.num_classes)
 
 
 @pytest.mark.parametrize(
@@ -45,7 +56,7 @@ def test_every_model_option_builds(model):
 )
 def test_every_component_option_builds_and_runs(override):
     cfg = compose_with("model=vittm_test", "model.num_classes=3", override)
-    out = build_from_config(cfg)(torch.randn(2, 3, 32, 32))
+    out = build_from_config(cfg)(torch.randn(2, 1, 32, 32))
     assert out.shape == (2, 3) and torch.isfinite(out).all()
 
 

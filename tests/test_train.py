@@ -24,7 +24,8 @@ def test_train_checkpoints_metrics_reload_and_eval(tmp_path):
     assert {p.name for p in ckpts.iterdir()} >= {"last.ckpt", "best.ckpt", "best_ema.ckpt", "ema_weights.pth"}
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result))
-    for key in ("val/memory_acc1", "val/memory_acc5", "val/process_acc1", "val_ema/memory_acc1", "val_ema/process_acc5"):
+    keys = ("val/memory_acc1", "val/memory_acc5", "val/process_acc1", "val_ema/memory_acc1", "val_ema/process_acc5")
+    for key in keys:
         assert 0 <= metrics["final"][key] <= 1, key
     assert metrics["steps"] == 512 // 64 and metrics["train_images_per_s"] > 0 and metrics["params"] > 0
     assert set(metrics["best"]) == {"val/memory_acc1", "val_ema/memory_acc1"}
@@ -69,7 +70,8 @@ def test_finetune_from_pretrained_with_new_classes_and_freezing(tmp_path):
     pre_ema = weights(pre / "checkpoints" / "last.ckpt")
     tuned = module.net.state_dict()
     # frozen by peft: the ViT blocks and patch embeddings stay at the pre-trained EMA values
-    torch.testing.assert_close(tuned["layers.0.block.mlp.fc1.weight"], pre_ema["ema.module.layers.0.block.mlp.fc1.weight"])
+    fc1 = "layers.0.block.mlp.fc1.weight"
+    torch.testing.assert_close(tuned[fc1], pre_ema[f"ema.module.{fc1}"])
     torch.testing.assert_close(tuned["memory_embed.weight"], pre_ema["ema.module.memory_embed.weight"])
     assert not torch.equal(tuned["layers.0.read.q.weight"], pre_ema["ema.module.layers.0.read.q.weight"])
     trainable = {n for n, p in module.net.named_parameters() if p.requires_grad}
@@ -107,7 +109,8 @@ def test_experiment_presets_run_a_few_steps(tmp_path, preset):
         "data.num_classes=3", "model.img_size=56",
         "data.batch_size=4", "data.num_workers=0", "effective_batch=null", "trainer.accelerator=cpu",
         "trainer.devices=1", "trainer.num_nodes=1", "trainer.strategy=auto", "trainer.max_epochs=1",
-        "data.train_subset=8", "data.val_subset=4", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+        "data.train_subset=8", "data.val_subset=4", "trainer.num_sanity_val_steps=0",
+        "trainer.enable_progress_bar=false",
         "logger=none",
     )
     result = train(cfg)
@@ -186,7 +189,8 @@ def test_presets_are_the_published_recipes(tmp_path, preset):
     assert (cfg.model.memory_ps, cfg.model.process_ps, cfg.model.img_size) == (28, 28, 224)
     assert (cfg.rw_head.name, cfg.rw_head.latent_size_scale, cfg.fusion.name) == ("lin", 4, "residual")
     assert (t.max_epochs, cfg.schedule.name, cfg.schedule.warmup_steps) == (r["epochs"], "cosine", r["warmup"])
-    assert cfg.data.batch_size * t.accumulate_grad_batches * t.devices * t.num_nodes == r["batch"] == cfg.effective_batch
+    effective = cfg.data.batch_size * t.accumulate_grad_batches * t.devices * t.num_nodes
+    assert effective == r["batch"] == cfg.effective_batch
     assert (t.devices, t.num_nodes, t.precision, t.gradient_clip_val) == (2, 2, "bf16-mixed", 1.0)
     assert (cfg.optimizer.opt, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("adamw", r["lr"], r["wd"])
     assert (cfg.schedule.warmup_lr, cfg.schedule.min_lr) == (r["warmup_lr"], r["min_lr"])

@@ -51,7 +51,8 @@ def validate(cfg: DictConfig) -> None:
 
     s = cfg.schedule
     need(s.name in SCHEDULES, "schedule.name", s.name, f"choose one of {list(SCHEDULES)}")
-    need(_int(s.warmup_steps) and s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, "must be an integer >= 0")
+    need(_int(s.warmup_steps) and s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps,
+         "must be an integer >= 0")
     planned = s.get("total_epochs")
     need(planned is None or (_int(planned) and planned > 0), "schedule.total_epochs", planned,
          "must be an integer > 0, or null for trainer.max_epochs")
@@ -65,12 +66,14 @@ def validate(cfg: DictConfig) -> None:
     t = cfg.trainer
     epochs, steps = t.get("max_epochs"), t.get("max_steps", -1)
     if steps is None or steps == -1:
-        need(_int(epochs) and epochs > 0, "trainer.max_epochs", epochs, "must be an integer > 0 (or set trainer.max_steps)")
+        need(_int(epochs) and epochs > 0, "trainer.max_epochs", epochs,
+             "must be an integer > 0 (or set trainer.max_steps)")
     else:
         need(_int(steps) and steps > 0, "trainer.max_steps", steps, "must be an integer > 0, or -1 to use max_epochs")
     accumulate = t.get("accumulate_grad_batches", 1)
     need(_int(accumulate) and accumulate >= 1, "trainer.accumulate_grad_batches", accumulate, "must be an integer >= 1")
-    need(str(t.get("precision", 32)) in PRECISIONS, "trainer.precision", t.get("precision"), f"choose one of {PRECISIONS}")
+    need(str(t.get("precision", 32)) in PRECISIONS, "trainer.precision", t.get("precision"),
+         f"choose one of {list(PRECISIONS)}")
     clip = t.get("gradient_clip_val")
     need(clip is None or (_number(clip) and clip >= 0), "trainer.gradient_clip_val", clip, "must be >= 0 or null")
 
@@ -107,7 +110,8 @@ def validate(cfg: DictConfig) -> None:
         actual = d.batch_size * accumulate * devices * nodes
         need(actual == effective, "effective_batch", effective,
              f"data.batch_size x trainer.accumulate_grad_batches x trainer.devices x trainer.num_nodes = "
-             f"{d.batch_size} x {accumulate} x {devices} x {nodes} = {actual}; make them agree (or effective_batch=null)")
+             f"{d.batch_size} x {accumulate} x {devices} x {nodes} = {actual}; make them agree "
+             f"(or effective_batch=null)")
 
     if cfg.mode == "train":
         ckpt_dir = Path(cfg.output_dir) / "checkpoints"
@@ -145,6 +149,8 @@ def check_checkpoint(cfg: DictConfig, num_classes: int) -> None:
     if cfg.mode == "train" and saved["name"] != cfg.model.name:
         problems.append(f"ckpt_path: the checkpoint is a {saved['name']!r} but model.name={cfg.model.name!r}")
     if saved.get("in_chans", 3) != cfg.data.in_chans:
-        problems.append(f"ckpt_path: the checkpoint takes {saved.get('in_chans')} channels, data.in_chans={cfg.data.in_chans}")
+        problems.append(
+            f"ckpt_path: the checkpoint takes {saved.get('in_chans')} channels, data.in_chans={cfg.data.in_chans}"
+        )
     if problems:
         raise ConfigError("\n".join(problems))
