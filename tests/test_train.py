@@ -201,3 +201,19 @@ def test_presets_are_the_published_recipes(tmp_path, preset):
     assert cfg.loss.get("sum_classes", False) == (r["loss"] == "bce")
     assert (cfg.model.drop_path_rate, cfg.ema.enabled, cfg.ema.decay) == (r["drop_path"], True, 0.999)
     assert (cfg.data.crop_pct, cfg.data.mean) == (0.875, [0.485, 0.456, 0.406])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["model=vittm_base", "rw_head=lin"],
+     ["model=vittm_small", "model.memory_ps=16", "model.process_ps=32", "rw_head=ca", "fusion=add_erase"],
+     ["model=vit_small"]],
+    ids=["vittm_base-lin", "vittm_small-16-32-ca-add_erase", "vit_small-baseline"],
+)
+def test_documented_commands_train(tmp_path, overrides):
+    """The README's commands, on 4 Fashion-MNIST images (resized to 224) for one step each."""
+    result = train(compose_cfg(tmp_path, *overrides, "data.train_subset=4", "data.val_subset=2", "data.batch_size=2",
+                               "trainer.max_steps=1", "trainer.num_sanity_val_steps=0", "logger=none",
+                               "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1",
+                               "checkpoint.save=false"))  # a base-size checkpoint is ~2 GB
+    assert result["steps"] == 1 and result["macs"] > 1e9

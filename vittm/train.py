@@ -18,12 +18,12 @@ import torch
 from hydra.utils import instantiate
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vittm.data import ImageDataModule
 from vittm.flops import count_macs, count_params
 from vittm.lit import ViTTMModule, ema_state_dict
-from vittm.validate import ConfigError, check_checkpoint, validate
+from vittm.validate import ConfigError, check_checkpoint, checkpoint_hparams, validate
 
 
 def plain(node: Any) -> Any:
@@ -43,7 +43,8 @@ class TrainTimer(Callback):
         self.images += len(batch[0]) * trainer.world_size
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._val_start = time.perf_counter() if trainer.training else None
+        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
+        self._val_start = time.perf_counter() if fitting else None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._val_start is not None:
@@ -100,8 +101,7 @@ def checkpoint_callbacks(cfg: DictConfig, ckpt_dir: Path, two_heads: bool, with_
 
 
 def prepare(cfg: DictConfig) -> tuple[ImageDataModule, int]:
-    """Checks, then the data module (paths and class counts checked, no image decoded)."""
-    validate(cfg)
+    """The data module (paths and class counts checked, no image decoded) and the class count."""
     datamodule = build_datamodule(cfg)
     datamodule.setup()
     num_classes = datamodule.num_classes
@@ -112,6 +112,7 @@ def prepare(cfg: DictConfig) -> tuple[ImageDataModule, int]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     out_dir = Path(cfg.output_dir)
+    validate(cfg)
     datamodule, num_classes = prepare(cfg)
     seed_everything(cfg.seed, workers=True, verbose=False)
     try:
@@ -122,7 +123,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(str(err)) from err
 
     ckpt_dir = out_dir / "checkpoints"
-    checkpoints = checkpoint_callbacks(cfg, ckpt_dir, module.two_heads, module.ema is not None)
+    save = cfg.checkpoint.save
+    checkpoints = checkpoint_callbacks(cfg, ckpt_dir, module.two_heads, module.ema is not None) if save else []
     timer = TrainTimer()
     trainer = build_trainer(cfg, [*checkpoints, timer], build_loggers(cfg))
     if trainer.is_global_zero:
@@ -140,7 +142,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "wall_seconds": round(time.perf_counter() - start, 2),
     }
     if trainer.is_global_zero:
-        if cfg.checkpoint.export_ema:
+        if save and cfg.checkpoint.export_ema:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             torch.save(dict(ema_state_dict(module)), ckpt_dir / "ema_weights.pth")
         result.update(describe(cfg, module, num_classes))
@@ -153,6 +155,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """``mode=eval ckpt_path=...``: top-1/top-5 of both heads, live and EMA, on the configured data's val split."""
     start = time.perf_counter()
+    validate(cfg)
+    with open_dict(cfg):  # the checkpoint's own model config (its img_size also sets the eval transforms)
+        cfg.model = checkpoint_hparams(cfg.ckpt_path)["model"]
     datamodule, num_classes = prepare(cfg)
     module = ViTTMModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=True)
     trainer = build_trainer(cfg, [], [])
