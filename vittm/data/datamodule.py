@@ -5,8 +5,8 @@ Training: a ``DistributedSampler`` (one device as many) whose order depends only
 reseeds every RNG from (seed, epoch, rank) when an epoch's iteration starts, so augmentation, dropout and mixup of
 an epoch do not depend on what ran before it: a run resumed at an epoch boundary repeats a straight run exactly.
 Both are read when the epoch's iterator is made; the trainer configs set ``reload_dataloaders_every_n_epochs: 1``
-because Lightning otherwise makes a resumed run's first iterator before it restores the epoch counter. Validation gives each rank a disjoint, unpadded shard, so metrics reduced across
-ranks count every image exactly once.
+because Lightning otherwise makes a resumed run's first iterator before it restores the epoch counter.
+Validation gives each rank a disjoint, unpadded shard, so metrics reduced across ranks count every image exactly once.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder, ImageNet
 
 from vittm.data import fashion_mnist
-from vittm.errors import ConfigError
 from vittm.data.transforms import BatchTransform, eval_transform, train_transform
+from vittm.errors import ConfigError
 
 
 class DataConfigError(ConfigError):
@@ -131,7 +131,9 @@ class ImageDataModule(L.LightningDataModule):
         if c["dataset"] not in DATASETS:
             raise DataConfigError(f"data.dataset={c['dataset']!r} is not known; choose one of {sorted(DATASETS)}")
         if not c["root"]:
-            raise DataConfigError(f"data.root is not set for data.dataset={c['dataset']!r}; pass data.root=/path/to/data")
+            raise DataConfigError(
+                f"data.root is not set for data.dataset={c['dataset']!r}; pass data.root=/path/to/data"
+            )
         root = Path(c["root"])
         if not root.is_dir():
             raise DataConfigError(f"data.root={str(root)!r} does not exist or is not a directory")
