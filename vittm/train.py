@@ -54,9 +54,12 @@ class TrainTimer(Callback):
         self.seconds += time.perf_counter() - self._start
 
 
-def build_datamodule(cfg: DictConfig) -> ImageDataModule:
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     data = plain(cfg.data)
-    data.pop("_target_", None)
+    if data["dataset"] == "ffcv":  # imported only here: FFCV is an optional extra
+        from vittm.data.ffcv_loader import FFCVDataModule
+
+        return FFCVDataModule(**data, augment=plain(cfg.augment), seed=cfg.seed)
     return ImageDataModule(**data, augment=plain(cfg.augment), seed=cfg.seed)
 
 
@@ -100,7 +103,7 @@ def checkpoint_callbacks(cfg: DictConfig, ckpt_dir: Path, two_heads: bool, with_
     return callbacks
 
 
-def prepare(cfg: DictConfig) -> tuple[ImageDataModule, int]:
+def prepare(cfg: DictConfig) -> tuple[L.LightningDataModule, int]:
     """The data module (paths and class counts checked, no image decoded) and the class count."""
     datamodule = build_datamodule(cfg)
     datamodule.setup()
