@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.setup-stamp
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup run test test-all lint clean
+.PHONY: setup run test test-all lint bench-data clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup.sh
@@ -20,6 +20,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -m "" $(ARGS)
+
+bench-data: $(STAMP)
+	$(PY) -m vittm.bench_data $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vittm tests run.py

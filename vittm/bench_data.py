@@ -2,12 +2,13 @@
 same worker count, in one run (``make bench-data`` or ``python -m vittm.bench_data``).
 
 The JPEGs are made from Fashion-MNIST test images (no download): each is upscaled to a random size between
-``--min-side`` and ``--max-side`` pixels, tinted per image so the three channels differ, given mild noise so it
-compresses like a photograph, and saved at JPEG quality 90 into an ImageFolder. The same folder is written to
-``.beton`` files (``--write-modes``; ``jpg`` keeps JPEG bytes at their original size, ``raw`` stores decoded
-pixels). Train pipelines: RandomResizedCrop(0.08-1) to ``--img-size`` + flip + normalise; val: resize to
-img_size/0.875 + centre crop (torchvision) vs FFCV's centre-crop decoder with the same ratio. The first epoch of each
-loader (FFCV's numba compilation, torchvision's worker start) is timed apart; images/s is the mean over the rest.
+``--min-side`` and ``--max-side`` pixels (224 by default: "224-px JPEGs"), tinted per image so the three channels
+differ, given mild noise so it compresses like a photograph, and saved at JPEG quality 90 into an ImageFolder.
+The same folder is written to ``.beton`` files (``--write-modes``; ``jpg`` keeps JPEG bytes at their original
+size, ``raw`` stores decoded pixels). Train pipelines: RandomResizedCrop(0.08-1) to ``--img-size`` + flip +
+normalise; val: resize to img_size/0.875 + centre crop (torchvision) vs FFCV's centre-crop decoder with the same
+ratio. The first epoch of each loader (FFCV's numba compilation, torchvision's worker start) is timed apart;
+images/s is the mean over the rest.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_data"))
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--min-side", type=int, default=224)
-    parser.add_argument("--max-side", type=int, default=400)
+    parser.add_argument("--max-side", type=int, default=224)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)

@@ -34,7 +34,9 @@ from vittm.data import fashion_mnist
 from vittm.errors import ConfigError
 
 SOURCES = ("imagefolder", "imagenet", "in21kp", "fashion_mnist")
-SPLIT_DIRS = {"imagefolder": ("train", "val"), "imagenet": ("train", "val"), "in21kp": ("imagenet21k_train", "imagenet21k_val")}
+SPLIT_DIRS = {
+    "imagefolder": ("train", "val"), "imagenet": ("train", "val"), "in21kp": ("imagenet21k_train", "imagenet21k_val"),
+}
 
 
 @dataclass
