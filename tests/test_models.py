@@ -167,7 +167,8 @@ def test_ca_matches_explicit_softmax_attention():
     head = RW_HEADS.build("ca", dim=32, num_heads=4)
     src, dst = torch.randn(2, 10, 32), torch.randn(2, 7, 32)
     with torch.no_grad():
-        q, k, v = head.q_norm(head.q(dst)), head.k_norm(head.k(src)), head.v_norm(head.v(src))
+        k, v = head.kv(src).chunk(2, dim=-1)
+        q, k, v = head.q_norm(head.q(dst)), head.k_norm(k), head.v_norm(v)
         outs = []
         for h in range(4):
             sl = slice(8 * h, 8 * h + 8)

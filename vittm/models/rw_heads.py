@@ -51,7 +51,10 @@ class LinearAttentionHead(nn.Module):
     """Linear attention (Katharopoulos et al. 2020), φ(x) = elu(x) + 1; linear in N and M. The published head.
 
     Per head: out_m = φ(q_m) · Σ_n φ(k_n)ᵀ v_n / (φ(q_m) · Σ_n φ(k_n) + eps). No output projection (SPEC fix).
-    k and v share their input, so they come from one fused projection (same maths as two Linear layers).
+    k and v share their input, so they come from one fused projection (same maths as two Linear layers). The
+    contraction runs in the linear order (Σ_n k_nᵀ v_n first: (N + M)·c·D/h multiply-adds rather than N·M·(c + D)/h
+    for (q kᵀ) v), as two batched matmuls over (batch × heads); a ones column appended to v makes the first one
+    also produce Σ_n k_n, so numerator and denominator come out of the second one together.
     """
 
     def __init__(self, dim: int, num_heads: int, latent_size_scale: int = 4, eps: float = 1e-6) -> None:
@@ -64,49 +67,57 @@ class LinearAttentionHead(nn.Module):
 
     def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         B, N, D = src.shape
-        M, h = dst.shape[1], self.num_heads
-        q = F.elu(self.q(dst)).add(1).view(B, M, h, -1)  # (B, M, h, c/h)
-        k, v = self.kv(src).split([self.c, D], dim=-1)
-        k = F.elu(k).add(1).view(B, N, h, -1)  # (B, N, h, c/h)
-        v = v.view(B, N, h, -1)  # (B, N, h, D/h)
-        kv = torch.einsum("bnhc,bnhd->bhcd", k, v)  # Σ_n k_nᵀ v_n: (B, h, c/h, D/h)
-        num = torch.einsum("bmhc,bhcd->bmhd", q, kv)  # (B, M, h, D/h)
-        den = torch.einsum("bmhc,bhc->bmh", q, k.sum(dim=1)) + self.eps  # (B, M, h)
-        return (num / den.unsqueeze(-1)).reshape(B, M, D)
+        M, h, c = dst.shape[1], self.num_heads, self.c
+        ch, dh = c // h, D // h
+        # in-place "+ 1": elu's backward needs its input, not its output, so autograd allows it
+        q = F.elu(self.q(dst)).add_(1)  # φ(q): (B, M, c)
+        kv = self.kv(src)  # (B, N, c + D)
+        k = F.elu(kv[..., :c]).add_(1)  # φ(k): (B, N, c)
+        k_t = k.view(B, N, h, ch).permute(0, 2, 3, 1).reshape(B * h, ch, N)
+        ones = kv.new_ones(()).expand(B, h, N, 1)
+        v1 = torch.cat([kv[..., c:].view(B, N, h, dh).transpose(1, 2), ones], dim=-1)  # [v | 1]: (B, h, N, D/h + 1)
+        state = torch.bmm(k_t, v1.view(B * h, N, dh + 1))  # [Σ kᵀv | Σ k]: (B·h, c/h, D/h + 1)
+        q_h = q.view(B, M, h, ch).transpose(1, 2).reshape(B * h, M, ch)
+        out = torch.bmm(q_h, state)  # [numerator | denominator]: (B·h, M, D/h + 1)
+        out = out[..., :dh] / out[..., dh:].add_(self.eps)  # bmm's backward needs its inputs only
+        return out.view(B, h, M, dh).transpose(1, 2).reshape(B, M, D)
 
 
 @RW_HEADS.register("ca")
 class CrossAttentionHead(nn.Module):
-    """Multi-head softmax cross-attention of dst over src; q, k, v each LayerNorm'ed, then an output projection."""
+    """Multi-head softmax cross-attention of dst over src; q, k, v each LayerNorm'ed, then an output projection.
+    k and v share their input: one fused projection (``kv``), split before their norms."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         check_heads(dim, num_heads, "ca")
         self.num_heads = num_heads
-        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)  # kv = [W_k | W_v]
         self.q_norm, self.k_norm, self.v_norm = (nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         B, N, D = src.shape
         M, h = dst.shape[1], self.num_heads
+        k, v = self.kv(src).chunk(2, dim=-1)
         q = self.q_norm(self.q(dst)).view(B, M, h, -1).transpose(1, 2)  # (B, h, M, D/h)
-        k = self.k_norm(self.k(src)).view(B, N, h, -1).transpose(1, 2)  # (B, h, N, D/h)
-        v = self.v_norm(self.v(src)).view(B, N, h, -1).transpose(1, 2)
+        k = self.k_norm(k).view(B, N, h, -1).transpose(1, 2)  # (B, h, N, D/h)
+        v = self.v_norm(v).view(B, N, h, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)  # default scale (D/h)^-1/2
         return self.proj(out.transpose(1, 2).reshape(B, M, D))
 
 
 @RW_HEADS.register("lca")
 class LatentCrossAttentionHead(nn.Module):
-    """Efficient-attention style: softmax(q) over features, softmax(kᵀ) over tokens, out = q (kᵀ v)."""
+    """Efficient-attention style: softmax(q) over features, softmax(kᵀ) over tokens, out = q (kᵀ v).
+    k and v share their input: one fused projection (``kv``), split before their norms."""
 
     def __init__(self, dim: int, num_heads: int, latent_size_scale: int = 4) -> None:
         super().__init__()
         check_heads(dim, num_heads, "lca")
         c = latent_width(dim, latent_size_scale, "lca", num_heads)
-        self.num_heads = num_heads
-        self.q, self.k, self.v = nn.Linear(dim, c), nn.Linear(dim, c), nn.Linear(dim, dim)
+        self.num_heads, self.c = num_heads, c
+        self.q, self.kv = nn.Linear(dim, c), nn.Linear(dim, c + dim)  # kv = [W_k | W_v]
         self.q_norm, self.k_norm = nn.LayerNorm(c, eps=1e-6), nn.LayerNorm(c, eps=1e-6)
         self.v_norm = nn.LayerNorm(dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
@@ -114,9 +125,10 @@ class LatentCrossAttentionHead(nn.Module):
     def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         B, N, D = src.shape
         M, h = dst.shape[1], self.num_heads
+        k, v = self.kv(src).split([self.c, D], dim=-1)
         q = self.q_norm(self.q(dst)).view(B, M, h, -1).transpose(1, 2).softmax(dim=-1)  # (B, h, M, c/h)
-        k = self.k_norm(self.k(src)).view(B, N, h, -1).transpose(1, 2).softmax(dim=2)  # over the N tokens
-        v = self.v_norm(self.v(src)).view(B, N, h, -1).transpose(1, 2)  # (B, h, N, D/h)
+        k = self.k_norm(k).view(B, N, h, -1).transpose(1, 2).softmax(dim=2)  # over the N tokens
+        v = self.v_norm(v).view(B, N, h, -1).transpose(1, 2)  # (B, h, N, D/h)
         out = q @ (k.transpose(-2, -1) @ v)  # (B, h, M, c/h) @ (B, h, c/h, D/h)
         return self.proj(out.transpose(1, 2).reshape(B, M, D))
 

@@ -1,0 +1,297 @@
+"""Model benchmark: parameters, MACs (attention counted), latency, throughput, peak memory, achieved FLOP/s.
+
+    python -m vittm.bench bench.models=[vit_base_patch16_224,vittm_base] bench.batch_sizes=[8]     (make bench)
+
+Hydra-composed like run.py (conf/bench.yaml): the ``model``/``rw_head``/``fusion`` groups build the entry ``model``;
+other ``bench.models`` entries are timm names at their defaults, so baselines run through the same code, in the same
+process. Warm-up runs are excluded; latency is the median (and inter-quartile range) of ``repeats`` timed runs;
+threads are pinned and reported. A reference fp32 matmul measured in the same run gives the machine's attainable
+FLOP/s, against which each model's achieved FLOP/s (2 x MACs x batch / latency) is stated.
+Writes ``bench.csv``, ``bench.md`` and ``bench.png`` (throughput vs MACs, plus accuracy when ``bench.results``
+names a file of accuracies) into the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import ctypes
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import psutil
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from vittm.errors import ConfigError
+from vittm.flops import count_macs, count_params
+from vittm.models import ViTTM, create_model
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build(entry: Any, cfg: DictConfig) -> tuple[str, torch.nn.Module]:
+    """A ``bench.models`` entry -> (label, model)."""
+    if entry == "model":
+        kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    elif isinstance(entry, str):
+        kwargs = {"name": entry}
+    else:
+        kwargs = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else dict(entry)
+    name = kwargs.pop("name")
+    kwargs.update(img_size=cfg.bench.img_size)
+    model = create_model(name, **kwargs)
+    label = name
+    if isinstance(model, ViTTM):  # the ViTTM options that define it
+        read = type(model.layers[0].read).registry_name
+        label += f" {model.memory_ps}/{model.process_ps} {read} {type(model.layers[0].read_fuse).registry_name}"
+    return label, model
+
+
+def glibc_allocator(eager_release: bool) -> None:
+    """eager_release: glibc hands every freed block back to the OS at once, so RSS follows live memory (for PeakRSS;
+    each allocation then costs page faults). Otherwise freed memory is kept for reuse (for timing)."""
+    threshold = 64 * 1024 if eager_release else 1 << 30
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (fixed: no dynamic adjustment)
+        libc.mallopt(-1, threshold)  # M_TRIM_THRESHOLD
+        if eager_release:
+            libc.malloc_trim(0)
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, above its level at entry (CPU runs): what the
+    warm-up and timed steps allocate (activations; for training also gradients and optimizer state)."""
+
+    def __init__(self) -> None:
+        self.process, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.peak = self.process.memory_info().rss
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def megabytes(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def timed_once(fn, sync) -> float:
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, autocast) -> Any:
+    """One inference forward, or one training step (both heads' losses for a ViTTM) with AdamW."""
+    if mode == "inference":
+        model.eval()
+
+        def infer() -> None:
+            with torch.inference_mode(), autocast():
+                model(x)
+
+        return infer
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    target = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    forward = model.forward_both if isinstance(model, ViTTM) else lambda inp: (model(inp),)
+
+    def train() -> None:
+        with autocast():
+            loss = sum(F.cross_entropy(out.float(), target) for out in forward(x))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return train
+
+
+def run(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Every (model, mode, batch) is warmed up alone (its peak memory measured then), after which the timed runs go
+    round-robin over all of them and the reference matmul: on a shared machine whose speed drifts, every entry sees
+    the same conditions, so the ratios between them hold."""
+    b = cfg.bench
+    if b.device not in ("cpu", "cuda") or (b.device == "cuda" and not torch.cuda.is_available()):
+        raise ConfigError(f"bench.device={b.device!r}: choose cpu, or cuda on a machine with a GPU")
+    if b.dtype not in DTYPES:
+        raise ConfigError(f"bench.dtype={b.dtype!r}: choose one of {list(DTYPES)}")
+    bad_modes = [m for m in b.modes if m not in ("inference", "train")]
+    if bad_modes or not b.models or not b.batch_sizes or min(b.batch_sizes) < 1:
+        raise ConfigError("bench.modes must be inference/train, bench.models and bench.batch_sizes non-empty (>= 1)")
+    if b.threads:
+        torch.set_num_threads(int(b.threads))
+    device = torch.device(b.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dtype = DTYPES[b.dtype]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    glibc_allocator(eager_release=True)  # while warming up: peak memory per entry
+    size = (3, b.img_size, b.img_size)
+    entries = []  # (row stub, step function)
+    for entry in b.models:
+        label, model = build(entry, cfg)
+        params, macs = count_params(model), count_macs(model, size)
+        macs_norms = count_macs(model, size, count_norms=True)
+        model = model.to(device)
+        if b.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        runner = torch.compile(model, fullgraph=b.fullgraph) if b.compile else model
+        for mode in b.modes:
+            for batch in b.batch_sizes:
+                x = torch.randn(batch, *size, device=device)
+                if b.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                fn = step_fn(runner, x, mode, autocast)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                with PeakRSS() as rss:
+                    for _ in range(b.warmup):
+                        timed_once(fn, sync)
+                memory = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else rss.megabytes
+                stub = {"model": label, "mode": mode, "batch": batch, "params_M": round(params / 1e6, 2),
+                        "gmacs": round(macs / 1e9, 3), "gmacs_norms": round(macs_norms / 1e9, 3),
+                        "peak_mem_MB": round(memory, 1)}
+                entries.append((stub, fn, macs * batch * (3 if mode == "train" else 1)))  # backward ≈ 2x forward
+    glibc_allocator(eager_release=False)  # while timing: memory reused, no page faults
+    n = b.matmul_size
+    left, right = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+
+    def matmul() -> None:
+        left @ right
+
+    timed_once(matmul, sync)
+    times: list[list[float]] = [[] for _ in entries]
+    matmul_times = []
+    for _ in range(b.repeats):
+        matmul_times.append(timed_once(matmul, sync))
+        for i, (_, fn, _) in enumerate(entries):
+            times[i].append(timed_once(fn, sync))
+    peak = 2 * n**3 / float(np.median(matmul_times)) / 1e9
+    rows = []
+    for (stub, _, macs_per_step), ts in zip(entries, times, strict=True):
+        median = float(np.median(ts))
+        q1, q3 = np.percentile(ts, [25, 75])
+        gflops = 2 * macs_per_step / median / 1e9
+        rows.append(stub | {
+            "median_ms": round(1000 * median, 2), "iqr_ms": round(1000 * (q3 - q1), 2),
+            "images_per_s": round(stub["batch"] / median, 2), "gflops": round(gflops, 1),
+            "pct_of_matmul": round(100 * gflops / peak, 1), "device": b.device, "dtype": b.dtype,
+            "compile": b.compile, "channels_last": b.channels_last, "threads": torch.get_num_threads(),
+            "matmul_gflops": round(peak, 1),
+        })
+    return rows
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """ViTTM-X over ViT-X/16 throughput, where both ran with the same mode and batch."""
+    lines = []
+    for row in rows:
+        name = row["model"].split()[0]
+        if not name.startswith("vittm_"):
+            continue
+        twin = f"vit_{name.removeprefix('vittm_')}_patch16_224"
+        for other in rows:
+            if other["model"] == twin and (other["mode"], other["batch"]) == (row["mode"], row["batch"]):
+                lines.append(f"{row['model']} / {twin} ({row['mode']}, batch {row['batch']}): "
+                             f"{row['images_per_s'] / other['images_per_s']:.2f}x throughput, "
+                             f"{other['gmacs'] / row['gmacs']:.2f}x fewer MACs")
+    return lines
+
+
+def write_outputs(rows: list[dict[str, Any]], out: Path, results: str | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    cols = ["model", "mode", "batch", "params_M", "gmacs", "median_ms", "iqr_ms", "images_per_s", "gflops",
+            "pct_of_matmul", "peak_mem_MB"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    r0 = rows[0]
+    lines += ["", f"{r0['device']} {r0['dtype']}, compile={r0['compile']}, channels_last={r0['channels_last']}, "
+                  f"{r0['threads']} threads; reference fp32 matmul {r0['matmul_gflops']} GFLOP/s", ""]
+    lines += ratios(rows)
+    (out / "bench.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out / "bench.png", load_accuracy(results))
+
+
+def load_accuracy(path: str | None) -> dict[str, float]:
+    """``{model: acc1}`` from a CSV (columns model, acc1) or JSON list/dict; empty without a file."""
+    if not path:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"bench.results={path!r} does not exist")
+    if file.suffix == ".json":
+        data = json.loads(file.read_text())
+        return data if isinstance(data, dict) else {r["model"]: float(r["acc1"]) for r in data}
+    with open(file) as f:
+        return {r["model"]: float(r["acc1"]) for r in csv.DictReader(f)}
+
+
+def plot(rows: list[dict[str, Any]], path: Path, accuracy: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["mode"] == rows[0]["mode"] and r["batch"] == rows[0]["batch"]]
+    panels = 2 if accuracy else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+    ax = axes[0][0]
+    for r in shown:
+        ax.scatter(r["gmacs"], r["images_per_s"], color="tab:red" if r["model"].startswith("vittm") else "tab:blue")
+        ax.annotate(r["model"], (r["gmacs"], r["images_per_s"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="GMACs per image", ylabel="images / s", title=f"{shown[0]['mode']}, batch {shown[0]['batch']}, "
+           f"{shown[0]['device']} {shown[0]['dtype']}")
+    ax.grid(alpha=0.3)
+    if accuracy:
+        ax = axes[0][1]
+        for r in shown:
+            acc = accuracy.get(r["model"], accuracy.get(r["model"].split()[0]))
+            if acc is not None:
+                ax.scatter(r["images_per_s"], acc)
+                ax.annotate(r["model"], (r["images_per_s"], acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel="images / s", ylabel="top-1 accuracy", title="accuracy vs throughput")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    try:
+        rows = run(cfg)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    out = Path(cfg.output_dir)
+    write_outputs(rows, out, cfg.bench.results)
+    print("\n" + (out / "bench.md").read_text())
+    print(f"written: {out / 'bench.csv'}, {out / 'bench.md'}, {out / 'bench.png'}")
+
+
+if __name__ == "__main__":
+    main()
