@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.setup-stamp
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup run test test-all lint bench-data clean
+.PHONY: setup run test test-all lint bench bench-data clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup.sh
@@ -20,6 +20,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -m "" $(ARGS)
+
+# ViTTM vs ViT side by side (README "Performance"); ARGS adds Hydra overrides, e.g. ARGS='bench.modes=[train]'
+bench: $(STAMP)
+	$(PY) -m vittm.bench 'bench.models=[vit_base_patch16_224,vittm_base,vit_small_patch16_224,vittm_small]' $(ARGS)
 
 bench-data: $(STAMP)
 	$(PY) -m vittm.bench_data $(ARGS)
