@@ -3,7 +3,7 @@
 ``import vittm`` registers ``vittm_{test,tiny,small,base,large}`` with timm, so ``timm.create_model`` builds them.
 """
 
-from vittm import models  # noqa: F401  (registers the timm entrypoints)
+from vittm import models, sweep  # noqa: F401  (registers the timm entrypoints and the config resolvers)
 from vittm.models import ViTTM, load_vit_checkpoint
 from vittm.registry import FUSIONS, MEMORY_BLOCKS, PROCESS_EMBEDS, REGISTRIES, RW_HEADS, Registry
 

@@ -192,7 +192,7 @@ def describe(cfg: DictConfig, module: ViTTMModule, num_classes: int) -> dict[str
     except ValueError:  # not running under Hydra (tests calling train() directly)
         overrides = []
     return {
-        "model": cfg.model.name, "dataset": cfg.data.dataset, "num_classes": num_classes,
+        "status": "ok", "model": cfg.model.name, "dataset": cfg.data.dataset, "num_classes": num_classes,
         "params": count_params(net), "macs": count_macs(net, size), "overrides": overrides,
         "output_dir": str(cfg.output_dir),
     }
