@@ -1,6 +1,5 @@
 """Entry point: ``python run.py [group=option ...] [key=value ...]`` (Hydra). Wiring only: see vittm/train.py."""
 
-import math
 import sys
 
 import hydra
@@ -11,8 +10,8 @@ import vittm.sweep  # noqa: F401  (registers the resolvers the config uses: job 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    # Imported here so that `--help` and `--cfg job` answer without loading torch.
-    from vittm.sweep import in_multirun, record_failure
+    # (vittm.sweep above already imported the package, so these imports are cheap here)
+    from vittm.sweep import failed_job_value, in_multirun, record_failure
     from vittm.train import main as run
     from vittm.validate import ConfigError
 
@@ -21,14 +20,14 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:  # a setting that cannot work: one line per problem, no traceback, nothing trained
         if in_multirun():  # one bad combination must not end the sweep: record it, let the others run
             record_failure(cfg.output_dir, err)
-            return math.nan
+            return failed_job_value(err)
         print(f"error: {err}".replace("\n", "\nerror: "), file=sys.stderr)
         sys.exit(2)
     except Exception as err:  # noqa: BLE001 (a crash inside one sweep job: recorded for the report)
         if not in_multirun():
             raise
         record_failure(cfg.output_dir, err)
-        return math.nan
+        return failed_job_value(err)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ The resolvers are registered when this module is imported (run.py imports it bef
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import traceback
@@ -97,3 +98,15 @@ def record_failure(output_dir: str | Path, err: BaseException) -> dict[str, Any]
     print(f"error: job {out.name} failed: {result['error']} (traceback in {out / 'error.log'}); the sweep goes on",
           file=sys.stderr)
     return result
+
+
+def failed_job_value(err: Exception) -> float:
+    """What a failed multirun job hands its sweeper: NaN for the basic sweeper (which would otherwise re-raise the
+    error after the batch and end the sweep); the error itself for Optuna, which then marks the trial FAIL (telling
+    it NaN crashes hydra-optuna-sweeper 1.3: it retries the tell as FAIL with the value attached). The Optuna
+    preset sets max_failure_rate so that failed trials do not end the search."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")):
+        raise err
+    return math.nan
