@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.setup-stamp
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup run test test-all lint bench bench-data clean
+.PHONY: setup run test test-all lint bench bench-data report clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup.sh
@@ -24,6 +24,10 @@ test-all: $(STAMP)
 # ViTTM vs ViT side by side (README "Performance"); ARGS adds Hydra overrides, e.g. ARGS='bench.modes=[train]'
 bench: $(STAMP)
 	$(PY) -m vittm.bench 'bench.models=[vit_base_patch16_224,vittm_base,vit_small_patch16_224,vittm_small]' $(ARGS)
+
+# Table + plots of a sweep: make report DIR=outputs/<study>/multiruns/<time> [ARGS='--out somewhere']
+report: $(STAMP)
+	$(PY) -m vittm.report $(DIR) $(ARGS)
 
 bench-data: $(STAMP)
 	$(PY) -m vittm.bench_data $(ARGS)
