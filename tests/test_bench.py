@@ -62,14 +62,21 @@ def test_bench_cli_end_to_end(tmp_path):
     results.write_text("model,acc1\nvit_tiny_patch16_224,0.75\nvittm_tiny,0.74\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "vittm.bench", *TINY_BENCH, "bench.modes=[inference,train]", "bench.batch_sizes=[1,2]",
+        [sys.executable, "-m", "vittm.bench", *TINY_BENCH, "data.in_chans=1",
+         "bench.models=[vit_tiny_patch16_224,vittm_tiny,model/vit_fmnist_p7]", "bench.modes=[inference,train]",
+         "bench.batch_sizes=[1,2]",
          f"bench.results={results}", f"hydra.run.dir={tmp_path / 'out'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "out" / "bench.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 8 and {r["mode"] for r in rows} == {"inference", "train"}
+    assert len(rows) == 12 and {r["mode"] for r in rows} == {"inference", "train"}
+    # a model-group file, composed with the run's data.* overrides (1 channel here) and labelled by its name
+    p7 = [r for r in rows if r["model"] == "vit_fmnist_p7"]
+    want = create_model("vit_tiny_patch16_224", patch_size=7, embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0,
+                        img_size=112, in_chans=1, num_classes=1000)
+    assert len(p7) == 4 and float(p7[0]["params_M"]) == round(sum(p.numel() for p in want.parameters()) / 1e6, 2)
     assert re.search(r"vittm_tiny .* / vit_tiny_patch16_224 \(train, batch 2\): [\d.]+x throughput", proc.stdout)
     with Image.open(tmp_path / "out" / "bench.png") as png:
         assert png.width > 1000  # two panels: throughput vs MACs, accuracy vs throughput

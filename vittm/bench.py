@@ -36,19 +36,31 @@ from vittm.models import ViTTM, create_model
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def model_config(override: str) -> dict[str, Any]:
+    """``model/<file>`` -> that model-group file, composed with this run's ``data.*`` overrides, resolved."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    data = [o for o in HydraConfig.get().overrides.task if o.startswith("data.")]
+    group_override = override.replace("/", "=", 1)  # model/vit_fmnist -> model=vit_fmnist
+    return OmegaConf.to_container(compose(config_name="bench", overrides=[group_override, *data]).model, resolve=True)
+
+
 def build(entry: Any, cfg: DictConfig) -> tuple[str, torch.nn.Module]:
     """A ``bench.models`` entry -> (label, model)."""
     if entry == "model":
         kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    elif isinstance(entry, str) and entry.startswith("model/"):  # another model-group file, e.g. model/vit_fmnist
+        kwargs = {"label": entry.removeprefix("model/"), **model_config(entry)}
     elif isinstance(entry, str):
         kwargs = {"name": entry}
     else:
         kwargs = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else dict(entry)
     name = kwargs.pop("name")
+    label = kwargs.pop("label", name)  # dict entries may name themselves: {name: vit_tiny_patch16_224, label: ...}
     kwargs.update(img_size=cfg.bench.img_size)
     model = create_model(name, **kwargs)
-    label = name
-    if isinstance(model, ViTTM):  # the ViTTM options that define it
+    if isinstance(model, ViTTM) and label == name:  # the ViTTM options that define it
         read = type(model.layers[0].read).registry_name
         label += f" {model.memory_ps}/{model.process_ps} {read} {type(model.layers[0].read_fuse).registry_name}"
     return label, model
@@ -147,10 +159,11 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     glibc_allocator(eager_release=True)  # while warming up: peak memory per entry
-    size = (3, b.img_size, b.img_size)
     entries = []  # (row stub, step function)
     for entry in b.models:
         label, model = build(entry, cfg)
+        first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))  # the patch embedding
+        size = (first_conv.in_channels, b.img_size, b.img_size)
         params, macs = count_params(model), count_macs(model, size)
         macs_norms = count_macs(model, size, count_norms=True)
         model = model.to(device)
