@@ -58,3 +58,12 @@ def make_imagenet(root: Path, num_classes: int = 3) -> Path:
     val_wnids = [w for w in wnids for _ in range(6)]
     torch.save(({w: (f"class {i}",) for i, w in enumerate(wnids)}, val_wnids), root / "meta.bin")
     return root
+
+
+def start_cli(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """``python run.py ...`` in the background, one CPU thread (bit-identical to an in-process run on one thread),
+    stdout and stderr to files in ``cwd`` (pipes nobody reads could fill up and stall it)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1", **(env or {}))
+    with open(cwd / "stdout.txt", "w") as out, open(cwd / "stderr.txt", "w") as err:  # the child keeps its copies
+        return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, stdout=out,
+                                stderr=err)

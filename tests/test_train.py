@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from helpers import TINY, compose_cfg, make_image_folder, make_imagenet
+from safetensors.torch import load_file
 
 from vittm.lit import ViTTMModule
 from vittm.train import evaluate, train
@@ -21,7 +22,7 @@ def test_train_checkpoints_metrics_reload_and_eval(tmp_path):
     run = tmp_path / "run"
     result = train(compose_cfg(run, *TINY))
     ckpts = run / "checkpoints"
-    assert {p.name for p in ckpts.iterdir()} >= {"last.ckpt", "best.ckpt", "best_ema.ckpt", "ema_weights.pth"}
+    assert {p.name for p in ckpts.iterdir()} >= {"last.ckpt", "best.ckpt", "best_ema.ckpt", "ema_weights.safetensors"}
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result))
     keys = ("val/memory_acc1", "val/memory_acc5", "val/process_acc1", "val_ema/memory_acc1", "val_ema/process_acc5")
@@ -31,7 +32,7 @@ def test_train_checkpoints_metrics_reload_and_eval(tmp_path):
     assert set(metrics["best"]) == {"val/memory_acc1", "val_ema/memory_acc1"}
 
     module = ViTTMModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True)  # nothing else
-    exported = torch.load(ckpts / "ema_weights.pth", weights_only=True)
+    exported = load_file(ckpts / "ema_weights.safetensors")
     for key, value in module.ema.module.state_dict().items():
         torch.testing.assert_close(exported[key], value)
 

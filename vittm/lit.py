@@ -6,6 +6,11 @@ losses, optimizer and scheduler factories; torchmetrics for accuracy.
 
 Metric names: ``train/loss``, ``val/memory_acc1``, ``val/process_acc5``, ``val_ema/memory_acc1``, ... and
 ``val/acc1``/``val/acc5`` for what ``model(x)`` returns (the ``eval_head`` of a ViTTM, the logits of a baseline).
+
+Numerics (``nonfinite``): a non-finite loss or gradient norm either stops the run with ``NonFiniteError`` naming the
+step, before the optimizer touches the weights (``stop``), or skips that update and counts it
+(``skip``, ``train/nonfinite_skipped``). A checkpoint is never written with non-finite weights, so the last one on
+disk stays the last good one.
 """
 
 from __future__ import annotations
@@ -27,8 +32,15 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from vittm.errors import ConfigError
 from vittm.models import ViTTM, create_model
 from vittm.pretrained import load_pretrained
+
+NONFINITE = ("stop", "skip")
+
+
+class NonFiniteError(ConfigError):
+    """A non-finite loss, gradient or weight (``nonfinite=stop``): the message names the step."""
 
 # Trainable parameter names per freeze mode (everything else is frozen); "none" trains all.
 TRAINABLE = {
@@ -63,9 +75,13 @@ class ViTTMModule(L.LightningModule):
         freeze: str = "none",
         compile: bool = False,
         log_grad_norm: bool = False,
+        nonfinite: str = "stop",
     ) -> None:
         super().__init__()
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite={nonfinite!r}: choose one of {list(NONFINITE)}")
         self.save_hyperparameters()
+        self.nonfinite_skipped = 0  # updates skipped for a non-finite loss or gradient (kept in checkpoints)
         self.net = create_model(**model)
         apply_freeze(self.net, freeze)
         self.num_classes = model["num_classes"]
@@ -148,6 +164,8 @@ class ViTTMModule(L.LightningModule):
         heads = self.head_names or [""]
         losses = {h: self.criterion(out[h], target) for h in heads}
         loss = sum(losses.values())
+        if self.nonfinite_found("loss", loss, f"batch {batch_idx}"):
+            return None  # Lightning skips backward and this micro-batch's share of the update
         self.log("train/loss", loss, prog_bar=True)
         if self.two_heads:
             self.log_dict({f"train/{h}_loss": v for h, v in losses.items()})
@@ -156,15 +174,43 @@ class ViTTMModule(L.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable | None = None):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self.ema is not None:  # once per optimizer step, after the update (not per accumulated micro-batch)
+        # once per optimizer step, after the update (not per accumulated micro-batch); no gradient at all means the
+        # update was skipped (non-finite), and then the EMA must not move either
+        updated = any(p.grad is not None for p in self.net.parameters())
+        if self.ema is not None and updated:
             self.ema.update(self.net, step=self.global_step)
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
-        if self.hparams.log_grad_norm:
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        # Under 16-mixed the GradScaler expects occasional inf gradients and skips those steps itself.
+        if grads and self.trainer.precision != "16-mixed":
+            norm = torch.nn.utils.get_total_norm(grads)
+            if self.nonfinite_found("gradient norm", norm, "before the optimizer step"):
+                for p in self.net.parameters():  # optimizers leave parameters without a gradient untouched
+                    p.grad = None
+            elif self.hparams.log_grad_norm:
+                self.log("train/grad_norm", norm)
+        elif self.hparams.log_grad_norm:
             self.log("train/grad_norm", grad_norm(self.net, norm_type=2)["grad_2.0_norm_total"])
 
+    def nonfinite_found(self, what: str, value: torch.Tensor, where: str) -> bool:
+        """True when ``value`` is not finite on any rank (all ranks then skip together); raises under ``stop``."""
+        bad = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(value).all()), all=False)
+        if not bad:
+            return False
+        if self.hparams.nonfinite == "stop":
+            raise NonFiniteError(
+                f"nonfinite=stop: the {what} is {value.item() if value.numel() == 1 else 'not finite'} at step "
+                f"{self.global_step} (epoch {self.current_epoch}, {where}); training stopped before this update"
+            )
+        self.nonfinite_skipped += 1
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
+        return True
+
     # --------------------------------------------------------------------------------------- validation
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None, batch_idx: int) -> None:
+        if batch is None:  # every image of this batch was unreadable (vittm.data.bad_images)
+            return
         x, y = batch
         nets = [("val", None)] + ([("val_ema", self.ema.module)] if self.ema is not None else [])
         for prefix, net in nets:
@@ -196,7 +242,18 @@ class ViTTMModule(L.LightningModule):
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         scheduler.step_update(num_updates=self.global_step)  # timm schedulers count optimizer steps
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A huge step can leave the weights inf with a finite loss; such a checkpoint must not replace a good one.
+        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise NonFiniteError(
+                f"nonfinite: the weights are not finite at step {self.global_step} ({', '.join(bad[:3])}, ...); "
+                f"this checkpoint was not written, the previous one is kept"
+            )
+        checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_skipped = checkpoint.get("nonfinite_skipped", 0)
         # A checkpoint written by a tool that compiled the module in place carries "_orig_mod." in its keys.
         state = checkpoint.get("state_dict", {})
         if any("_orig_mod." in k for k in state):

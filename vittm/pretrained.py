@@ -1,6 +1,6 @@
 """Fine-tuning starts: load weights from a pre-trained file into a (possibly differently sized) model.
 
-Accepted files, all read with ``weights_only=True`` (or safetensors):
+Accepted files, all read with ``weights_only=True`` (vittm.checkpoints.load_checkpoint) or as ``.safetensors``:
 - a Lightning checkpoint of this framework: its EMA weights (``ema.module.*``) when present, else ``net.*``;
 - a plain state dict of the model (e.g. the exported ``ema_weights.pth``);
 - a timm ViT state dict, converted for a ViTTM (vittm.models.from_vit).
@@ -13,26 +13,37 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from timm.layers import resample_abs_pos_embed
-from timm.models import load_state_dict
+from timm.models import clean_state_dict, load_state_dict
 from torch import nn
 
+from vittm.checkpoints import CheckpointError, load_checkpoint
 from vittm.models import ViTTM, convert_vit_state_dict
 
 HEAD_KEYS = ("head.", "process_head.")
+# Where training scripts keep the weights inside a saved dict, EMA first (timm's load_state_dict order).
+WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model weights inside ``path`` (see the module docstring for what is accepted)."""
+def read_weights(path: str | Path, key: str = "finetune.from_ckpt") -> dict[str, torch.Tensor]:
+    """The model weights inside ``path`` (see the module docstring for what is accepted); a file that is unreadable,
+    or would run code when unpickled, raises a CheckpointError naming ``key``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pre-trained weights {str(path)!r} do not exist")
+    if path.suffix == ".safetensors":  # no pickle at all
+        try:
+            return load_state_dict(str(path))
+        except SafetensorError as err:
+            raise CheckpointError(f"{key}={str(path)!r}: not a readable .safetensors file ({err})") from None
+    ckpt = load_checkpoint(path, key=key)
     if path.suffix == ".ckpt":
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         state = ckpt.get("state_dict", ckpt)
         prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "net."
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return load_state_dict(str(path), weights_only=True)
+    inner = next((k for k in WRAPPER_KEYS if isinstance(ckpt, dict) and ckpt.get(k) is not None), None)
+    return clean_state_dict(ckpt[inner] if inner else ckpt)
 
 
 def load_pretrained(net: nn.Module, path: str | Path) -> list[str]:

@@ -1,29 +1,49 @@
 """``train(cfg)`` and ``evaluate(cfg)``: what ``python run.py`` runs, testable without the command line.
 
-Order of work: validate every setting (vittm.validate) -> build the data module (checks paths) -> build the model
-(checks its arguments) -> train / evaluate -> write ``metrics.json`` and print a summary. Nothing is trained or
-written before all checks pass.
+Order of work: validate every setting (vittm.validate) -> pick the checkpoint to resume (``resume=auto``) -> build
+the data module (checks paths) -> build the model (checks its arguments) -> train / evaluate -> write
+``metrics.json`` and print a summary. Nothing is trained or written before all checks pass.
+
+Nothing lost (README "Robustness"): checkpoints are written atomically and read weights-only (vittm.checkpoints),
+every ``checkpoint.every_n_steps`` optimizer steps as well as per epoch; SIGTERM/SIGUSR1 save
+``checkpoints/preempted.ckpt`` at the end of the current batch and exit with status 143 (under SLURM, Lightning's
+auto-requeue handles SIGUSR1); a resumed epoch continues at the exact batch (vittm.data.resume).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vittm.checkpoints import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    candidates,
+    find_resume,
+    load_checkpoint,
+    save_weights,
+)
 from vittm.data import ImageDataModule
 from vittm.flops import count_macs, count_params
-from vittm.lit import ViTTMModule, ema_state_dict
-from vittm.validate import ConfigError, check_checkpoint, checkpoint_hparams, validate
+from vittm.lit import NonFiniteError, ViTTMModule, ema_state_dict
+from vittm.validate import ConfigError, check_checkpoint, check_data_size, checkpoint_hparams, validate
 
 
 def plain(node: Any) -> Any:
@@ -35,6 +55,9 @@ class TrainTimer(Callback):
 
     def __init__(self) -> None:
         self.seconds, self.images, self._start, self._val_start = 0.0, 0, 0.0, None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()  # a run resumed mid-epoch gets no on_train_epoch_start for that epoch
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
@@ -60,7 +83,8 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
         from vittm.data.ffcv_loader import FFCVDataModule
 
         return FFCVDataModule(**data, augment=plain(cfg.augment), seed=cfg.seed)
-    return ImageDataModule(**data, augment=plain(cfg.augment), seed=cfg.seed)
+    log = Path(cfg.output_dir) / "bad_images.txt"  # unreadable files, appended by every loader process
+    return ImageDataModule(**data, augment=plain(cfg.augment), seed=cfg.seed, bad_image_log=log)
 
 
 def module_kwargs(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
@@ -69,7 +93,7 @@ def module_kwargs(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
     return dict(
         model=model, optimizer=plain(cfg.optimizer), schedule=plain(cfg.schedule), loss=plain(cfg.loss),
         augment=plain(cfg.augment), ema=plain(cfg.ema), freeze=cfg.finetune.freeze, compile=cfg.compile,
-        log_grad_norm=cfg.log_grad_norm,
+        log_grad_norm=cfg.log_grad_norm, nonfinite=cfg.nonfinite,
     )
 
 
@@ -89,18 +113,86 @@ def _netrc_has_wandb() -> bool:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=trainer_plugins(cfg))
 
 
-def checkpoint_callbacks(cfg: DictConfig, ckpt_dir: Path, two_heads: bool, with_ema: bool) -> list[ModelCheckpoint]:
-    """last.ckpt + best by the monitored live metric (+ best by its EMA twin)."""
+def trainer_plugins(cfg: DictConfig) -> list:
+    """Atomic, weights-only checkpoint IO; under SLURM, Lightning's auto-requeue as ``preemption.requeue`` says
+    (on SIGUSR1 it saves ``hpc_ckpt_N.ckpt`` in the run directory and runs ``scontrol requeue``)."""
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=bool(cfg.preemption.requeue), requeue_signal=signal.SIGUSR1))
+    return plugins
+
+
+def checkpoint_callbacks(cfg: DictConfig, ckpt_dir: Path, two_heads: bool, with_ema: bool) -> list[Callback]:
+    """last.ckpt + best by the monitored live metric (+ best by its EMA twin), ``step-N.ckpt`` every
+    ``checkpoint.every_n_steps`` optimizer steps (the newest ``checkpoint.keep`` kept), ``preempted.ckpt``."""
     monitor = cfg.checkpoint.monitor if two_heads else "val/acc1"  # baselines have no memory head
-    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_top_k=1,
-                                 save_last=True, auto_insert_metric_name=False)]
+    # Fixed names, replaced in place: a run resumed from an older checkpoint of its own directory writes last.ckpt
+    # again, not last-v1.ckpt (validate() keeps other runs out of this directory).
+    common = dict(dirpath=ckpt_dir, mode="max", auto_insert_metric_name=False, enable_version_counter=False)
+    callbacks: list[Callback] = [
+        ModelCheckpoint(filename="best", monitor=monitor, save_top_k=1, save_last=True, **common)]
     if with_ema:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best_ema", mode="max", save_top_k=1,
-                                         monitor=monitor.replace("val/", "val_ema/"), auto_insert_metric_name=False))
+        callbacks.append(ModelCheckpoint(filename="best_ema", monitor=monitor.replace("val/", "val_ema/"),
+                                         save_top_k=1, **common))
+    if cfg.checkpoint.every_n_steps:  # "step" is always a monitor candidate: the top k by step are the newest k
+        callbacks.append(ModelCheckpoint(filename="step-{step}", monitor="step", save_top_k=cfg.checkpoint.keep,
+                                         every_n_train_steps=cfg.checkpoint.every_n_steps, **common))
+    callbacks.append(PreemptionCheckpoint(ckpt_dir / "preempted.ckpt"))
     return callbacks
+
+
+class PreemptionCheckpoint(Callback):
+    """Lightning turns SIGTERM into ``SIGTERMException``, raised at the end of the current batch (on every rank at
+    once under DDP); this saves the state of that moment. Saving there rather than inside the signal handler means
+    no optimizer step is caught half-done."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.saved = False
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.path, weights_only=False)  # the full training state
+            self.saved = True
+
+
+@contextmanager
+def usr1_means_sigterm(cfg: DictConfig) -> Iterator[None]:
+    """SIGUSR1 (SLURM's advance warning) handled like SIGTERM, unless Lightning's SLURM auto-requeue owns it.
+    Without a handler SIGUSR1 would kill the process on the spot."""
+    lightning_owns = SLURMEnvironment.detect() and cfg.preemption.requeue
+    if lightning_owns or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def resolve_resume(cfg: DictConfig) -> None:
+    """``resume=auto|<path>`` becomes ``ckpt_path`` (auto: the newest checkpoint of this run directory that loads;
+    none there: a fresh start)."""
+    if not cfg.get("resume"):
+        return
+    path: Any = cfg.resume
+    if path != "auto":
+        load_checkpoint(path, key="resume", mmap=True)  # refused here, under its own key, if unsafe or unreadable
+    else:
+        path = find_resume(cfg.output_dir)
+        if path is None and candidates(Path(cfg.output_dir)):
+            raise CheckpointError(
+                f"resume=auto: none of the checkpoints in {str(cfg.output_dir)!r} can be loaded (see the warnings); "
+                f"move them away to start afresh there, or choose a new hydra.run.dir"
+            )
+        print(f"resume=auto: {f'continuing from {path}' if path else 'no checkpoint yet, starting afresh'}",
+              file=sys.stderr)
+    with open_dict(cfg):
+        cfg.ckpt_path = str(path) if path else None
 
 
 def prepare(cfg: DictConfig) -> tuple[L.LightningDataModule, int]:
@@ -109,6 +201,9 @@ def prepare(cfg: DictConfig) -> tuple[L.LightningDataModule, int]:
     datamodule.setup()
     num_classes = datamodule.num_classes
     check_checkpoint(cfg, num_classes)
+    train_set = getattr(datamodule, "train_set", None)
+    if cfg.mode == "train" and train_set is not None:
+        check_data_size(cfg, len(train_set))
     return datamodule, num_classes
 
 
@@ -116,6 +211,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     out_dir = Path(cfg.output_dir)
     validate(cfg)
+    resolve_resume(cfg)
     datamodule, num_classes = prepare(cfg)
     seed_everything(cfg.seed, workers=True, verbose=False)
     try:
@@ -133,26 +229,61 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         for lg in trainer.loggers:  # the full resolved config, once per run
             lg.log_hyperparams(plain(cfg))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    fit(cfg, trainer, module, datamodule, checkpoints)
+    if cfg.ckpt_path and timer.images == 0:  # resumed at the very end (e.g. a requeued job that had finished)
+        done = out_dir / "metrics.json"
+        if done.is_file():
+            print(f"nothing left to train: {cfg.ckpt_path} is at the end of the run; {done} kept", file=sys.stderr)
+            close_loggers(trainer)
+            return json.loads(done.read_text())
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the final metrics it never wrote
 
     result = {
         "mode": "train",
         "final": final_metrics(trainer),
-        "best": {cb.monitor: _num(cb.best_model_score) for cb in checkpoints},
+        "best": {cb.monitor: _num(cb.best_model_score) for cb in checkpoints
+                 if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.monitor != "step"},
         "epochs": trainer.current_epoch, "steps": trainer.global_step,
         "train_seconds": round(timer.seconds, 2),
         "train_images_per_s": round(timer.images / timer.seconds, 1) if timer.seconds else None,
         "wall_seconds": round(time.perf_counter() - start, 2),
+        "nonfinite_skipped": module.nonfinite_skipped,
     }
+    if isinstance(datamodule, ImageDataModule):
+        result["bad_images"] = len(datamodule.bad_images())
     if trainer.is_global_zero:
         if save and cfg.checkpoint.export_ema:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(dict(ema_state_dict(module)), ckpt_dir / "ema_weights.pth")
+            save_weights(ema_state_dict(module), ckpt_dir / f"ema_weights.{cfg.checkpoint.export_format}")
         result.update(describe(cfg, module, num_classes))
         write_metrics(out_dir, result)
         print(summary(result))
     close_loggers(trainer)
     return result
+
+
+def fit(cfg: DictConfig, trainer: L.Trainer, module: ViTTMModule, datamodule: L.LightningDataModule,
+        callbacks: list[Callback]) -> None:
+    """``trainer.fit``, turning a pre-emption into exit status 143 (128 + SIGTERM) and naming the last good checkpoint
+    when the numbers went non-finite."""
+    try:
+        with usr1_means_sigterm(cfg), warnings.catch_warnings():
+            if isinstance(datamodule, ImageDataModule):  # it restores its loader's place itself (vittm.data.resume),
+                # which Lightning cannot see: its warning about a non-resumable loader does not apply
+                warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+            if cfg.ckpt_path:  # resuming into the run's own directory is the point of resume=auto
+                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except SIGTERMException:
+        saved = [cb.path for cb in callbacks if isinstance(cb, PreemptionCheckpoint) and cb.saved]
+        if trainer.is_global_zero:
+            where = f"saved {saved[0]}" if saved else "no checkpoint saved (checkpoint.save=false)"
+            print(f"preempted at step {trainer.global_step}: {where}; run the same command with resume=auto "
+                  f"(and the same hydra.run.dir) to continue", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except NonFiniteError as err:
+        kept = candidates(Path(cfg.output_dir)) if cfg.checkpoint.save else []
+        last = f"the checkpoints are kept, the newest is {kept[0]}" if kept else "no checkpoint had been written yet"
+        raise NonFiniteError(f"{err}; {last}; lower optimizer.lr, or set nonfinite=skip to skip such steps") from None
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -167,6 +298,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer.validate(module, datamodule=datamodule, verbose=False)
     result = {"mode": "eval", "ckpt_path": str(cfg.ckpt_path), "final": final_metrics(trainer),
               "wall_seconds": round(time.perf_counter() - start, 2)}
+    if isinstance(datamodule, ImageDataModule):
+        result["bad_images"] = len(datamodule.bad_images())
     if trainer.is_global_zero:
         result.update(describe(cfg, module, num_classes))
         write_metrics(Path(cfg.output_dir), result)
@@ -219,6 +352,11 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"best: {best}")
         lines.append(f"{result['epochs']} epochs, {result['steps']} steps; training {result['train_seconds']:.0f} s "
                      f"({result['train_images_per_s']} images/s); total {result['wall_seconds']:.0f} s")
+        if result.get("nonfinite_skipped"):
+            lines.append(f"skipped {result['nonfinite_skipped']} updates with a non-finite loss or gradient")
+    if result.get("bad_images"):
+        lines.append(f"skipped {result['bad_images']} unreadable images (listed in "
+                     f"{Path(result['output_dir']) / 'bad_images.txt'})")
     lines.append(f"metrics.json: {Path(result['output_dir']) / 'metrics.json'}")
     return "\n".join(lines)
 

@@ -12,13 +12,18 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vittm.checkpoints import load_checkpoint
+from vittm.data.bad_images import POLICIES
 from vittm.errors import ConfigError
+from vittm.lit import NONFINITE
+from vittm.models import create_model, is_vittm
 
 OPTIMIZERS = ("adamw", "sgd", "lamb")
 SCHEDULES = ("cosine", "poly")
 LOSSES = ("ce", "bce")
 FREEZE = ("none", "embeddings", "head_only", "peft")
 PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64", "64-true")
+EXPORT_FORMATS = ("safetensors", "pth")
 
 
 def _number(value: Any) -> bool:
@@ -37,11 +42,26 @@ def validate(cfg: DictConfig) -> None:
             problems.append(f"{key}={value!r}: {rule}")
 
     need(cfg.mode in ("train", "eval", "summary"), "mode", cfg.mode, "choose train, eval or summary")
+    need(_int(cfg.seed) and cfg.seed >= 0, "seed", cfg.seed, "must be an integer >= 0")
     if cfg.mode == "eval":
         need(bool(cfg.ckpt_path), "ckpt_path", cfg.ckpt_path, "mode=eval needs the checkpoint to evaluate")
-    for key in ("ckpt_path", "finetune.from_ckpt"):
+    resume = cfg.get("resume")
+    for key in ("ckpt_path", "finetune.from_ckpt", "resume"):
         path = OmegaConf.select(cfg, key)
-        need(not path or Path(path).is_file(), key, path, "file does not exist")
+        if path != "auto" or key != "resume":
+            need(not path or Path(str(path)).is_file(), key, path,
+                 "file does not exist" + (" (or use resume=auto: the newest checkpoint of the run directory)"
+                                          if key == "resume" else ""))
+    if cfg.mode == "train":
+        need(not (resume and cfg.ckpt_path), "resume", resume, f"ckpt_path={cfg.ckpt_path!r} is set too; use one")
+    need(cfg.nonfinite in NONFINITE, "nonfinite", cfg.nonfinite, f"choose one of {list(NONFINITE)}")
+    need(isinstance(cfg.preemption.requeue, bool), "preemption.requeue", cfg.preemption.requeue, "true or false")
+    ck = cfg.checkpoint
+    need(_int(ck.every_n_steps) and ck.every_n_steps >= 0, "checkpoint.every_n_steps", ck.every_n_steps,
+         "an integer >= 0 (0: only per epoch)")
+    need(_int(ck.keep) and ck.keep >= 1, "checkpoint.keep", ck.keep, "an integer >= 1 (periodic checkpoints kept)")
+    need(ck.export_format in EXPORT_FORMATS, "checkpoint.export_format", ck.export_format,
+         f"choose one of {list(EXPORT_FORMATS)}")
 
     o = cfg.optimizer
     need(o.opt in OPTIMIZERS, "optimizer.opt", o.opt, f"choose one of {list(OPTIMIZERS)}")
@@ -62,6 +82,9 @@ def validate(cfg: DictConfig) -> None:
     d = cfg.data
     need(_int(d.batch_size) and d.batch_size > 0, "data.batch_size", d.batch_size, "must be an integer > 0")
     need(_int(d.num_workers) and d.num_workers >= 0, "data.num_workers", d.num_workers, "must be an integer >= 0")
+    if "on_bad_image" in d:
+        need(d.on_bad_image in POLICIES, "data.on_bad_image", d.on_bad_image, f"choose one of {list(POLICIES)}")
+    problems += model_problems(cfg)
 
     t = cfg.trainer
     epochs, steps = t.get("max_epochs"), t.get("max_steps", -1)
@@ -114,24 +137,61 @@ def validate(cfg: DictConfig) -> None:
              f"(or effective_batch=null)")
 
     if cfg.mode == "train":
-        ckpt_dir = Path(cfg.output_dir) / "checkpoints"
-        existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
-        resuming_here = cfg.ckpt_path and Path(cfg.ckpt_path).resolve().parent == ckpt_dir.resolve()
+        out = Path(cfg.output_dir)
+        existing = sorted([*(out / "checkpoints").glob("*.ckpt"), *out.glob("hpc_ckpt_*.ckpt")])
+        resumed = cfg.ckpt_path or (resume if resume != "auto" else None)
+        here = (out.resolve(), (out / "checkpoints").resolve())
+        resuming_here = resume == "auto" or (resumed and Path(resumed).resolve().parent in here)
         if existing and not resuming_here:
             problems.append(
-                f"output_dir={str(cfg.output_dir)!r}: already holds checkpoints ({existing[0].name}, ...); resume with "
-                f"ckpt_path={ckpt_dir}/last.ckpt or choose a new hydra.run.dir: nothing is overwritten"
+                f"output_dir={str(cfg.output_dir)!r}: already holds checkpoints ({existing[0].name}, ...); continue "
+                f"that run with resume=auto, or choose a new hydra.run.dir: nothing is overwritten"
             )
 
     if problems:
         raise ConfigError("\n".join(problems))
 
 
-def checkpoint_hparams(path: str | Path) -> dict[str, Any]:
-    """The hyper-parameters saved in a Lightning checkpoint (read with weights_only=True)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def model_problems(cfg: DictConfig) -> list[str]:
+    """The model's arguments, checked without data: both patch sizes must divide the image size; the rest (heads,
+    latent scales, component knobs) by building the model on the meta device, which allocates nothing."""
+    m = cfg.model
+    size = m.get("img_size")
+    if is_vittm(str(m.name)) and _int(size):
+        bad = [f"model.img_size={size}: not divisible by model.{k}={m.get(k)}; both patch sizes must divide it"
+               for k in ("memory_ps", "process_ps") if _int(m.get(k)) and m.get(k) > 0 and size % m.get(k)]
+        if bad:
+            return bad
+    args = OmegaConf.to_container(m, resolve=True)
+    args["num_classes"] = args.get("num_classes") or 2  # an ImageFolder's class count is only known from the data
+    try:
+        with torch.device("meta"):
+            create_model(**args)
+    except (ValueError, TypeError) as err:
+        return [f"model: {err}"]
+    return []
+
+
+def check_data_size(cfg: DictConfig, train_images: int) -> None:
+    """One optimizer step needs data.batch_size x accumulate_grad_batches x devices x nodes images."""
+    t = cfg.trainer
+    factors = [cfg.data.batch_size, t.get("accumulate_grad_batches", 1), t.get("devices", 1), t.get("num_nodes", 1)]
+    if not all(_int(f) for f in factors):  # devices=auto: Lightning decides, the loader checks per device
+        return
+    needed = factors[0] * factors[1] * factors[2] * factors[3]
+    if needed > train_images:
+        raise ConfigError(
+            f"data.batch_size={factors[0]}: {factors[0]} x trainer.accumulate_grad_batches={factors[1]} x "
+            f"trainer.devices={factors[2]} x trainer.num_nodes={factors[3]} = {needed} images per optimizer step, "
+            f"more than the {train_images} training images; lower them (or use more data)"
+        )
+
+
+def checkpoint_hparams(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
+    """The hyper-parameters saved in a Lightning checkpoint (weights-only, memory-mapped: tensors are not read)."""
+    ckpt = load_checkpoint(path, key=key, mmap=True)
     if "hyper_parameters" not in ckpt or "model" not in ckpt["hyper_parameters"]:
-        raise ConfigError(f"ckpt_path={str(path)!r}: not a checkpoint of this framework (no saved model config)")
+        raise ConfigError(f"{key}={str(path)!r}: not a checkpoint of this framework (no saved model config)")
     return ckpt["hyper_parameters"]
 
 

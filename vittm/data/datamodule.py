@@ -1,12 +1,11 @@
 """One LightningDataModule for every torchvision-path dataset: Fashion-MNIST, ImageFolder, ImageNet-1K, ImageNet-21K-P.
 
 Samplers are made here rather than by Lightning (``use_distributed_sampler=False`` in the trainer configs).
-Training: a ``DistributedSampler`` (one device as many) whose order depends only on (seed, epoch), and a loader that
-reseeds every RNG from (seed, epoch, rank) when an epoch's iteration starts, so augmentation, dropout and mixup of
-an epoch do not depend on what ran before it: a run resumed at an epoch boundary repeats a straight run exactly.
-Both are read when the epoch's iterator is made; the trainer configs set ``reload_dataloaders_every_n_epochs: 1``
-because Lightning otherwise makes a resumed run's first iterator before it restores the epoch counter.
-Validation gives each rank a disjoint, unpadded shard, so metrics reduced across ranks count every image exactly once.
+Training uses ``vittm.data.resume.EpochLoader``: the data order, each batch's augmentation and every global RNG are
+functions of (seed, epoch), and the loader's place in its epoch (with the RNG states) is saved in every checkpoint
+through this module's ``state_dict``, so a resumed run repeats a straight one exactly, at an epoch boundary or at
+any batch. Validation gives each rank a disjoint, unpadded shard, so metrics reduced across ranks count every image
+exactly once. Unreadable images in folder datasets are skipped or refused (``vittm.data.bad_images``).
 """
 
 from __future__ import annotations
@@ -16,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.datasets import ImageFolder, ImageNet
 
 from vittm.data import fashion_mnist
+from vittm.data.bad_images import POLICIES, DropUnreadable, SkipUnreadable, logged_paths, read_image
+from vittm.data.resume import EpochLoader, EpochSampler, SeededBatches
 from vittm.data.transforms import BatchTransform, eval_transform, train_transform
 from vittm.errors import ConfigError
 
@@ -31,15 +31,18 @@ class DataConfigError(ConfigError):
 
 
 def _folder(root: Path, train: bool, transform: Callable, cfg: Mapping[str, Any]) -> Dataset:
-    return ImageFolder(str(root / cfg["train_dir" if train else "val_dir"]), transform=transform)
+    return ImageFolder(str(root / cfg["train_dir" if train else "val_dir"]), transform=transform, loader=read_image)
 
 
 def _fashion_mnist(root: Path, train: bool, transform: Callable, cfg: Mapping[str, Any]) -> Dataset:
-    return fashion_mnist.FashionMNIST(root, "train" if train else "test", transform=transform)
+    try:
+        return fashion_mnist.FashionMNIST(root, "train" if train else "test", transform=transform)
+    except (OSError, EOFError, ValueError) as err:  # a truncated or corrupt .gz
+        raise DataConfigError(f"data.root={str(root)!r}: cannot read the Fashion-MNIST files ({err})") from None
 
 
 def _imagenet(root: Path, train: bool, transform: Callable, cfg: Mapping[str, Any]) -> Dataset:
-    return ImageNet(str(root), split="train" if train else "val", transform=transform)  # torchvision's layout
+    return ImageNet(str(root), split="train" if train else "val", transform=transform, loader=read_image)
 
 
 DATASETS: dict[str, Callable[[Path, bool, Callable, Mapping[str, Any]], Dataset]] = {
@@ -57,31 +60,6 @@ def expected_paths(dataset: str, root: Path, train_dir: str, val_dir: str) -> li
     if dataset == "imagenet":
         return [root / "train", root / "val"]
     return [root / train_dir, root / val_dir]
-
-
-class EpochSampler(DistributedSampler):
-    """A DistributedSampler that reads the epoch from ``epoch_fn`` when iteration starts."""
-
-    def __init__(self, dataset: Dataset, epoch_fn: Callable[[], int], **kwargs: Any) -> None:
-        super().__init__(dataset, **kwargs)
-        self.epoch_fn = epoch_fn
-
-    def __iter__(self):
-        self.set_epoch(self.epoch_fn())
-        return super().__iter__()
-
-
-class SeededLoader(DataLoader):
-    """A DataLoader that reseeds torch, numpy and random from ``seed_fn()`` when an epoch's iteration starts
-    (worker processes draw their seeds from it too)."""
-
-    def __init__(self, *args: Any, seed_fn: Callable[[], int], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.seed_fn = seed_fn
-
-    def __iter__(self):
-        seed_everything(self.seed_fn(), verbose=False)
-        return super().__iter__()
 
 
 def first(dataset: Dataset, n: int | None) -> Dataset:
@@ -109,21 +87,26 @@ class ImageDataModule(L.LightningDataModule):
         val_dir: str = "val",
         train_subset: int | None = None,
         val_subset: int | None = None,
+        on_bad_image: str = "skip",
         augment: Mapping[str, Any] | None = None,
         seed: int = 0,
+        bad_image_log: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.cfg = dict(
             dataset=dataset, root=root, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
             crop_pct=crop_pct, mean=list(mean), std=list(std), batch_size=batch_size, num_workers=num_workers,
             pin_memory=pin_memory, train_dir=train_dir, val_dir=val_dir, train_subset=train_subset,
-            val_subset=val_subset,
+            val_subset=val_subset, on_bad_image=on_bad_image,
         )
         self.augment = dict(augment or {})
         self.seed = seed
+        self.bad_image_log = Path(bad_image_log) if bad_image_log else None  # where unreadable files are listed
         self.check()
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.train_loader: EpochLoader | None = None
+        self.resume_state: dict[str, Any] | None = None  # from a checkpoint, taken by the next training epoch
 
     def check(self) -> None:
         """Every data key a user can get wrong, before any image is read: one error naming key, value and rule."""
@@ -152,6 +135,8 @@ class ImageDataModule(L.LightningDataModule):
             raise DataConfigError(f"data.crop_pct={c['crop_pct']!r} must be in (0, 1]")
         if len(c["mean"]) != c["in_chans"] or len(c["std"]) != c["in_chans"]:
             raise DataConfigError(f"data.mean / data.std need {c['in_chans']} values (data.in_chans), got {c['mean']}")
+        if c["on_bad_image"] not in POLICIES:
+            raise DataConfigError(f"data.on_bad_image={c['on_bad_image']!r}: choose one of {list(POLICIES)}")
 
     # --------------------------------------------------------------------------------------------- datasets
     def setup(self, stage: str | None = None) -> None:
@@ -177,8 +162,18 @@ class ImageDataModule(L.LightningDataModule):
         if len(val_set.classes) != found:
             raise DataConfigError(f"{c['dataset']}: train has {found} classes but val has {len(val_set.classes)}")
         self.num_classes = found
+        if hasattr(train_set, "samples"):  # decoded from files: some may be unreadable
+            train_set = SkipUnreadable(train_set, c["on_bad_image"], self.bad_image_log, substitute=True)
+            val_set = SkipUnreadable(val_set, c["on_bad_image"], self.bad_image_log, substitute=False)
         self.train_set = first(train_set, c["train_subset"])
         self.val_set = first(val_set, c["val_subset"])
+
+    def bad_images(self) -> list[str]:
+        """The unreadable files met so far (by every process of the run, when a log file is set)."""
+        if self.bad_image_log is not None:
+            return logged_paths(self.bad_image_log)
+        sets = [d.dataset if isinstance(d, Subset) else d for d in (self.train_set, self.val_set)]
+        return sorted(set().union(*(d.seen for d in sets if isinstance(d, SkipUnreadable))))
 
     # ------------------------------------------------------------------------------------------ dataloaders
     def _world(self) -> tuple[int, int]:
@@ -189,13 +184,9 @@ class ImageDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return trainer.current_epoch if trainer is not None else 0
 
-    def _loader_kwargs(self, train: bool) -> dict[str, Any]:
+    def _collate(self, train: bool) -> Callable:
         c = self.cfg
-        # No persistent workers: fresh workers each epoch take their seeds from the epoch's reseed.
-        return dict(
-            batch_size=c["batch_size"], drop_last=train, num_workers=c["num_workers"], pin_memory=c["pin_memory"],
-            collate_fn=BatchTransform(train, self.augment, c["mean"], c["std"]) if self.batched else None,
-        )
+        return BatchTransform(train, self.augment, c["mean"], c["std"]) if self.batched else default_collate
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
@@ -205,14 +196,35 @@ class ImageDataModule(L.LightningDataModule):
                 f"data.batch_size={self.cfg['batch_size']} x {world} devices is more than the "
                 f"{len(self.train_set)} training images: no full batch (lower data.batch_size)"
             )
-        sampler = EpochSampler(self.train_set, self._epoch, num_replicas=world, rank=rank, shuffle=True,
-                               seed=self.seed, drop_last=True)
-        # full batches only (mixup pairs images); every RNG reseeded from (seed, epoch, rank) per epoch
-        return SeededLoader(self.train_set, sampler=sampler, **self._loader_kwargs(train=True),
-                            seed_fn=lambda: self.seed + 1000 * self._epoch() + rank)
+        c = self.cfg
+        sampler = EpochSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed,
+                               drop_last=True)
+        # Full batches only (mixup pairs images). No persistent workers: each epoch's workers start after the
+        # epoch's reseed. See vittm.data.resume for how every RNG follows (seed, epoch).
+        self.train_loader = EpochLoader(
+            SeededBatches(self.train_set, self._collate(train=True), self.seed), sampler=sampler,
+            batch_size=c["batch_size"], drop_last=True, num_workers=c["num_workers"], pin_memory=c["pin_memory"],
+            epoch_fn=self._epoch, seed_fn=lambda epoch: self.seed + 1000 * epoch + rank, resume_fn=self._take_resume,
+        )
+        return self.train_loader
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
         world, rank = self._world()
+        c = self.cfg
         sampler = UnrepeatedDistributedSampler(self.val_set, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(self.val_set, sampler=sampler, **self._loader_kwargs(train=False))
+        return DataLoader(self.val_set, sampler=sampler, batch_size=c["batch_size"], num_workers=c["num_workers"],
+                          pin_memory=c["pin_memory"], collate_fn=DropUnreadable(self._collate(train=False)))
+
+    # ------------------------------------------------------------------------------ checkpointed loader state
+    def state_dict(self) -> dict[str, Any]:
+        """Saved by Lightning in every checkpoint: where the training epoch stands (see vittm.data.resume)."""
+        state = self.train_loader.state() if self.train_loader is not None else None
+        return {"train_loader": state} if state else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.resume_state = state_dict.get("train_loader")
+
+    def _take_resume(self) -> dict[str, Any] | None:
+        state, self.resume_state = self.resume_state, None
+        return state
