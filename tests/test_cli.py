@@ -64,7 +64,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 256 // (64 * 2)  # each rank its own half of every epoch
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "best.ckpt", "best_ema.ckpt", "ema_weights.pth", "last.ckpt"]
+        "best.ckpt", "best_ema.ckpt", "ema_weights.safetensors", "last.ckpt"]
     # metrics reduced across the two ranks equal a single-process evaluation of the same weights on all 250 images
     single = evaluate(compose_cfg(tmp_path / "eval", *TINY, "data.val_subset=250", "mode=eval",
                                   f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"))

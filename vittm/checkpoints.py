@@ -61,7 +61,7 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: Any 
             f"nothing in the file was run"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__  # torch's 1st sentence
         raise CheckpointError(
             f"{key}={str(path)!r}: not a readable checkpoint, truncated or corrupt ({reason})"
         ) from None

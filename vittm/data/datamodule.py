@@ -2,10 +2,10 @@
 
 Samplers are made here rather than by Lightning (``use_distributed_sampler=False`` in the trainer configs).
 Training uses ``vittm.data.resume.EpochLoader``: the data order, each batch's augmentation and every global RNG are
-functions of (seed, epoch), and the loader's place in its epoch (with the RNG states) is saved in every checkpoint
-through this module's ``state_dict``, so a resumed run repeats a straight one exactly, at an epoch boundary or at
-any batch. Validation gives each rank a disjoint, unpadded shard, so metrics reduced across ranks count every image
-exactly once. Unreadable images in folder datasets are skipped or refused (``vittm.data.bad_images``).
+functions of (seed, epoch, batch), and the loader's place in its epoch is saved in every checkpoint through this
+module's ``state_dict``, so a resumed run repeats a straight one exactly, at an epoch boundary or at any batch.
+Validation gives each rank a disjoint, unpadded shard, so metrics reduced across ranks count every image exactly
+once. Unreadable images in folder datasets are skipped or refused (``vittm.data.bad_images``).
 """
 
 from __future__ import annotations
@@ -200,11 +200,11 @@ class ImageDataModule(L.LightningDataModule):
         sampler = EpochSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed,
                                drop_last=True)
         # Full batches only (mixup pairs images). No persistent workers: each epoch's workers start after the
-        # epoch's reseed. See vittm.data.resume for how every RNG follows (seed, epoch).
+        # epoch's reseed. See vittm.data.resume for how every RNG follows (seed, epoch, batch).
         self.train_loader = EpochLoader(
             SeededBatches(self.train_set, self._collate(train=True), self.seed), sampler=sampler,
             batch_size=c["batch_size"], drop_last=True, num_workers=c["num_workers"], pin_memory=c["pin_memory"],
-            epoch_fn=self._epoch, seed_fn=lambda epoch: self.seed + 1000 * epoch + rank, resume_fn=self._take_resume,
+            epoch_fn=self._epoch, resume_fn=self._take_resume, seed=self.seed, rank=rank,
         )
         return self.train_loader
 

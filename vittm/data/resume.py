@@ -5,13 +5,16 @@
 - Augmentation: ``SeededBatches`` fetches and collates each batch under a torch RNG seeded from (seed, epoch, the
   batch's first index), in whichever process loads it, so the images of batch k never depend on the batches before
   it, on worker count or on what the model drew from the RNG.
-- Model randomness (dropout, drop-path, mixup): ``EpochLoader`` reseeds the global RNGs from (seed, epoch, rank) when
-  an epoch starts; a checkpoint saved after batch k carries the loader's epoch, k and the global RNG states
-  (``state()``, saved by the data module), and the resumed epoch skips k batches and restores those states.
+- Model randomness (dropout, drop-path, mixup): ``EpochLoader`` reseeds the global RNGs (torch, numpy, random) from
+  (seed, epoch, batch, rank) as it hands out each batch. No RNG state then needs saving, and every rank of a DDP run
+  continues its own stream after a resume; reseeding costs microseconds per batch.
+- Place: a checkpoint saved after batch k carries the loader's (epoch, k) (``state()``, saved by the data module);
+  the resumed epoch skips k batches.
 
 Together: a run resumed from any checkpoint, at an epoch boundary or mid-epoch, repeats a straight run bit for bit.
 Lightning does not prefetch from a loader with a length, so the batches this loader has yielded are the batches
-trained when a checkpoint is written.
+trained when a checkpoint is written, and nothing draws from the global RNG between handing out a batch and training
+on it. Data transforms must draw from torch's RNG (torchvision's do) to be covered by the per-batch seeding.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.fabric.utilities.seed import seed_everything
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
@@ -36,8 +38,16 @@ class EpochSampler(DistributedSampler):
         return itertools.islice(super().__iter__(), self.skip, None)
 
 
-def batch_seed(seed: int, epoch: int, first_index: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, first_index]).generate_state(1, np.uint64)[0])
+def derive_seed(*keys: int) -> int:
+    """A 64-bit seed that depends on every key (numpy's SeedSequence hashing: no collisions between neighbours)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
+
+
+def seed_all(seed: int) -> None:
+    """torch (CPU and every GPU), numpy and random, as Lightning's seed_everything does, without its logging."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 class SeededBatches(Dataset):
@@ -56,7 +66,7 @@ class SeededBatches(Dataset):
 
     def __getitems__(self, indices: list[int]) -> Any:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(batch_seed(self.seed, self.epoch, indices[0]))
+            torch.manual_seed(derive_seed(self.seed, self.epoch, indices[0]))
             return self.collate([self.dataset[i] for i in indices])
 
 
@@ -65,34 +75,14 @@ def as_collated(batch: Any) -> Any:
     return batch
 
 
-def rng_state() -> dict[str, Any]:
-    """The global RNG states, in types ``torch.load(weights_only=True)`` accepts (numpy's array becomes a tensor)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                       "gauss": float(gauss)}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class EpochLoader(DataLoader):
-    """The training loader (see the module docstring). ``epoch_fn()`` gives the trainer's epoch, ``seed_fn(epoch)``
-    the epoch's global seed, ``resume_fn()`` a pending ``state()`` from a checkpoint (or None), taken once."""
+    """The training loader (see the module docstring). ``epoch_fn()`` gives the trainer's epoch, ``resume_fn()`` a
+    pending ``state()`` from a checkpoint (or None), taken once; ``seed`` and ``rank`` key the global RNG."""
 
     def __init__(self, dataset: SeededBatches, *, sampler: EpochSampler, epoch_fn: Callable[[], int],
-                 seed_fn: Callable[[int], int], resume_fn: Callable[[], dict | None], **kwargs: Any) -> None:
+                 resume_fn: Callable[[], dict | None], seed: int, rank: int, **kwargs: Any) -> None:
         super().__init__(dataset, sampler=sampler, collate_fn=as_collated, **kwargs)
-        self.epoch_fn, self.seed_fn, self.resume_fn = epoch_fn, seed_fn, resume_fn
+        self.epoch_fn, self.resume_fn, self.seed, self.rank = epoch_fn, resume_fn, seed, rank
         self.epoch: int | None = None
         self.taken = 0
 
@@ -105,21 +95,16 @@ class EpochLoader(DataLoader):
     def _epoch_batches(self) -> Iterator[Any]:
         epoch, state = self.epoch_fn(), self.resume_fn()
         skip = state["batches"] if state and state["epoch"] == epoch else 0
-        if not skip:
-            seed_everything(self.seed_fn(epoch), verbose=False)
+        seed_all(derive_seed(self.seed, epoch, self.rank))  # worker processes draw their own seeds from it
         self.dataset.epoch = epoch
         self.sampler.set_epoch(epoch)
         self.sampler.skip = skip * self.batch_size
-        batches = super().__iter__()  # worker processes start (and draw their seeds) here
-        if skip:
-            set_rng_state(state["rng"])  # as after batch `skip` of the interrupted run
         self.epoch, self.taken = epoch, skip
-        for batch in batches:
+        for batch in super().__iter__():
+            seed_all(derive_seed(self.seed, epoch, self.taken, self.rank))  # what trains on this batch draws from here
             self.taken += 1
             yield batch
 
-    def state(self) -> dict[str, Any] | None:
+    def state(self) -> dict[str, int] | None:
         """Where this epoch stands: saved with every checkpoint (by the data module), used by a resumed run."""
-        if self.epoch is None:
-            return None
-        return {"epoch": self.epoch, "batches": self.taken, "rng": rng_state()}
+        return None if self.epoch is None else {"epoch": self.epoch, "batches": self.taken}
