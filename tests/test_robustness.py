@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import TINY, compose_cfg, make_image_folder, run_cli, start_cli
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vittm.checkpoints import (
     AtomicCheckpointIO,
@@ -192,6 +193,17 @@ def test_truncated_newest_checkpoints_fall_back_to_the_previous_one(tmp_path, st
         chosen = resume_auto(run, capsys, "checkpoint.every_n_steps=10", "checkpoint.keep=3")
     assert Path(chosen).name == "step-60.ckpt"
     assert_same_training(torch.load(ckpts / "last.ckpt", weights_only=True), straight)
+
+
+def test_last_checkpoint_is_written_every_epoch_even_without_improvement(tmp_path, monkeypatch):
+    """Lightning 2.6's save_last follows the best checkpoint; an epoch that does not improve must still be saved."""
+    # the monitored metric improves in no epoch after the first
+    monkeypatch.setattr(ModelCheckpoint, "check_monitor_top_k", lambda self, trainer, current=None:
+                        not self.best_model_path)
+    train(compose_cfg(tmp_path, *TINY, "trainer.max_epochs=2"))
+    ckpts = tmp_path / "checkpoints"
+    assert load_checkpoint(ckpts / "best.ckpt")["global_step"] == 512 // 64
+    assert load_checkpoint(ckpts / "last.ckpt")["global_step"] == 2 * 512 // 64
 
 
 def test_resume_auto_on_a_finished_run_keeps_its_metrics(tmp_path, capsys):

@@ -126,17 +126,19 @@ def trainer_plugins(cfg: DictConfig) -> list:
 
 
 def checkpoint_callbacks(cfg: DictConfig, ckpt_dir: Path, two_heads: bool, with_ema: bool) -> list[Callback]:
-    """last.ckpt + best by the monitored live metric (+ best by its EMA twin), ``step-N.ckpt`` every
-    ``checkpoint.every_n_steps`` optimizer steps (the newest ``checkpoint.keep`` kept), ``preempted.ckpt``."""
+    """best.ckpt by the monitored live metric (+ best_ema.ckpt by its EMA twin), last.ckpt every epoch, ``step-N.ckpt``
+    every ``checkpoint.every_n_steps`` optimizer steps (the newest ``checkpoint.keep`` kept), ``preempted.ckpt``."""
     monitor = cfg.checkpoint.monitor if two_heads else "val/acc1"  # baselines have no memory head
     # Fixed names, replaced in place: a run resumed from an older checkpoint of its own directory writes last.ckpt
     # again, not last-v1.ckpt (validate() keeps other runs out of this directory).
     common = dict(dirpath=ckpt_dir, mode="max", auto_insert_metric_name=False, enable_version_counter=False)
-    callbacks: list[Callback] = [
-        ModelCheckpoint(filename="best", monitor=monitor, save_top_k=1, save_last=True, **common)]
+    callbacks: list[Callback] = [ModelCheckpoint(filename="best", monitor=monitor, save_top_k=1, **common)]
     if with_ema:
         callbacks.append(ModelCheckpoint(filename="best_ema", monitor=monitor.replace("val/", "val_ema/"),
                                          save_top_k=1, **common))
+    # Its own callback: since Lightning 2.6 ``save_last=True`` writes last.ckpt only when the top-k checkpoint was
+    # saved too, i.e. only in epochs that improved the monitored metric.
+    callbacks.append(ModelCheckpoint(filename="last", save_top_k=1, **common))
     if cfg.checkpoint.every_n_steps:  # "step" is always a monitor candidate: the top k by step are the newest k
         callbacks.append(ModelCheckpoint(filename="step-{step}", monitor="step", save_top_k=cfg.checkpoint.keep,
                                          every_n_train_steps=cfg.checkpoint.every_n_steps, **common))
