@@ -223,6 +223,22 @@ def test_resume_auto_in_an_empty_run_directory_starts_afresh(tmp_path, capsys):
     assert result["steps"] == 512 // 64
 
 
+def test_flipped_bits_are_caught_by_the_checksums(tmp_path):
+    """torch.load reads a flipped byte in a tensor silently; resume=auto checks each record's CRC-32 first."""
+    ckpts = tmp_path / "checkpoints"
+    save_weights({"w": torch.arange(4096.0)}, ckpts / "a.ckpt")
+    flipped = ckpts / "b.ckpt"
+    save_weights({"w": torch.arange(4096.0)}, flipped)
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensor's bytes
+    flipped.write_bytes(bytes(data))
+    assert not torch.equal(load_checkpoint(flipped)["w"], torch.arange(4096.0))  # what torch alone would give
+    with pytest.raises(CheckpointError, match=r"corrupt \(checksum mismatch in \S+/data/0\)"):
+        load_checkpoint(flipped, verify=True)
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        assert find_resume(tmp_path) is None  # a.ckpt loads but is no training checkpoint: nothing to resume
+
+
 def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     save_weights({"w": torch.ones(3)}, tmp_path / "w.pth")

@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,15 +40,20 @@ class UnsafeCheckpointError(CheckpointError):
     """A file that would import or call code if unpickled; it was refused and nothing in it ran."""
 
 
-def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: Any = "cpu",
-                    mmap: bool = False) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: Any = "cpu", mmap: bool = False,
+                    verify: bool = False) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` with one clear error line per failure, naming ``key`` and the file
-    (``mmap``: tensors are mapped, not read, e.g. to look at the hyper-parameters only)."""
+    (``mmap``: tensors are mapped, not read, e.g. to look at the hyper-parameters only; ``verify``: check every
+    record against the CRC-32 torch stored for it, since torch itself reads flipped bits without complaint)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{key}={str(path)!r}: file does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{key}={str(path)!r}: not a readable checkpoint, the file is empty")
+    if verify:
+        check_crc(path, key)
+    try:  # torch can only memory-map its zip format; anything else is read (and refused) the ordinary way
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         found = _GLOBAL.search(str(err))
         if found:
@@ -60,11 +66,25 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path", map_location: Any 
             f"{key}={str(path)!r}: refused: not a weights-only torch file ({(detail or ['unknown content'])[-1]}); "
             f"nothing in the file was run"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
         reason = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__  # torch's 1st sentence
         raise CheckpointError(
             f"{key}={str(path)!r}: not a readable checkpoint, truncated or corrupt ({reason})"
         ) from None
+
+
+def check_crc(path: Path, key: str) -> None:
+    """Every record of a torch zip checkpoint against its stored CRC-32 (one sequential read of the file)."""
+    if not zipfile.is_zipfile(path):
+        return  # torch.load will say what it is
+    try:
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        broken = f"unreadable archive: {err}"
+    if broken:
+        raise CheckpointError(f"{key}={str(path)!r}: not a readable checkpoint, corrupt (checksum mismatch in "
+                              f"{broken})")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -119,7 +139,7 @@ def find_resume(run_dir: str | Path) -> Path | None:
     code stops everything, since it cannot have been written by a run of this framework."""
     for path in candidates(Path(run_dir)):
         try:
-            ckpt = load_checkpoint(path, key="resume=auto: checkpoint")
+            ckpt = load_checkpoint(path, key="resume=auto: checkpoint", verify=True)
         except UnsafeCheckpointError:
             raise
         except CheckpointError as err:

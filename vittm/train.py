@@ -183,7 +183,7 @@ def resolve_resume(cfg: DictConfig) -> None:
         return
     path: Any = cfg.resume
     if path != "auto":
-        load_checkpoint(path, key="resume", mmap=True)  # refused here, under its own key, if unsafe or unreadable
+        load_checkpoint(path, key="resume", mmap=True, verify=True)  # refused here, under its own key, if bad
     else:
         path = find_resume(cfg.output_dir)
         if path is None and candidates(Path(cfg.output_dir)):
