@@ -410,7 +410,9 @@ def test_new_settings_are_validated_one_line_each(tmp_path):
     (["trainer.accumulate_grad_batches=16"], "data.batch_size=64: 64 x trainer.accumulate_grad_batches=16 x "
      "trainer.devices=1 x trainer.num_nodes=1 = 1024 images per optimizer step, more than the 512 training images; "
      "lower them (or use more data)"),
-], ids=["heads", "latent-scale", "batch-vs-data"])
+    (["model.num_classes=5"], "model.num_classes=5: the data has 10 classes; leave it to the data "
+     "(model.num_classes=${data.num_classes})"),
+], ids=["heads", "latent-scale", "batch-vs-data", "classes-model-vs-data"])
 def test_model_and_data_size_problems_before_training(tmp_path, overrides, line):
     with pytest.raises(ConfigError) as err:
         train(compose_cfg(tmp_path, *TINY, *overrides))

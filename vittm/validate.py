@@ -196,7 +196,12 @@ def checkpoint_hparams(path: str | Path, key: str = "ckpt_path") -> dict[str, An
 
 
 def check_checkpoint(cfg: DictConfig, num_classes: int) -> None:
-    """A resumed or evaluated checkpoint must fit the data (fine-tuning on new classes uses finetune.from_ckpt)."""
+    """The model and a resumed or evaluated checkpoint must fit the data's class count (fine-tuning on new classes
+    uses finetune.from_ckpt)."""
+    asked = cfg.model.get("num_classes")
+    if cfg.mode == "train" and asked is not None and asked != num_classes:
+        raise ConfigError(f"model.num_classes={asked!r}: the data has {num_classes} classes; leave it to the data "
+                          f"(model.num_classes=${{data.num_classes}})")
     if not cfg.ckpt_path:
         return
     saved = checkpoint_hparams(cfg.ckpt_path)["model"]
