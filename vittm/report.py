@@ -212,7 +212,9 @@ def heatmap(groups: list[dict[str, Any]], axes: list[str], path: Path) -> bool:
         image = ax.imshow(grid, cmap="viridis")
         for i, line in enumerate(grid):
             for j, value in enumerate(line):
-                ax.text(j, i, "–" if math.isnan(value) else f"{value:.1f}", ha="center", va="center", color="w")
+                light = not math.isnan(value) and image.norm(value) > 0.6  # dark text on the yellow end
+                ax.text(j, i, "–" if math.isnan(value) else f"{value:.1f}", ha="center", va="center",
+                        color="k" if light else "w")
         ax.set(xticks=range(len(cols_v)), xticklabels=cols_v, yticks=range(len(rows_v)), yticklabels=rows_v,
                xlabel=pair[1], ylabel=pair[0], title=", ".join(f"{a}={v}" for a, v in zip(rest, panel, strict=True)))
         fig.colorbar(image, ax=ax, label="top-1 %")
