@@ -29,7 +29,9 @@ def test_train_checkpoints_metrics_reload_and_eval(tmp_path):
     for key in keys:
         assert 0 <= metrics["final"][key] <= 1, key
     assert metrics["steps"] == 512 // 64 and metrics["train_images_per_s"] > 0 and metrics["params"] > 0
-    assert set(metrics["best"]) == {"val/memory_acc1", "val_ema/memory_acc1"}
+    heads = {f"{split}/{head}acc1" for split in ("val", "val_ema") for head in ("", "memory_", "process_")}
+    assert set(metrics["best"]) == heads  # both heads and model(x), live and EMA
+    assert all(metrics["best"][k] >= metrics["final"][k] for k in heads)  # one epoch: best == final
 
     module = ViTTMModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True)  # nothing else
     exported = load_file(ckpts / "ema_weights.safetensors")

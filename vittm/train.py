@@ -77,6 +77,27 @@ class TrainTimer(Callback):
         self.seconds += time.perf_counter() - self._start
 
 
+class BestMetrics(Callback):
+    """The best top-1 each validation reached (both heads and model(x), live and EMA), whether or not checkpoints are
+    written; its state travels in checkpoints, so a resumed run keeps the best of its earlier epochs."""
+
+    def __init__(self) -> None:
+        self.best: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith("val") and key.endswith("acc1"):
+                self.best[key] = max(self.best.get(key, -1.0), float(value))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": dict(self.best)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = dict(state_dict.get("best", {}))
+
+
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     data = plain(cfg.data)
     if data["dataset"] == "ffcv":  # imported only here: FFCV is an optional extra
@@ -226,8 +247,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_dir = out_dir / "checkpoints"
     save = cfg.checkpoint.save
     checkpoints = checkpoint_callbacks(cfg, ckpt_dir, module.two_heads, module.ema is not None) if save else []
-    timer = TrainTimer()
-    trainer = build_trainer(cfg, [*checkpoints, timer], build_loggers(cfg))
+    timer, best = TrainTimer(), BestMetrics()
+    trainer = build_trainer(cfg, [*checkpoints, timer, best], build_loggers(cfg))
     if trainer.is_global_zero:
         for lg in trainer.loggers:  # the full resolved config, once per run
             lg.log_hyperparams(plain(cfg))
@@ -243,8 +264,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     result = {
         "mode": "train",
         "final": final_metrics(trainer),
-        "best": {cb.monitor: _num(cb.best_model_score) for cb in checkpoints
-                 if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.monitor != "step"},
+        "best": {k: _num(v) for k, v in sorted(best.best.items())},  # max over the validations of this run
         "epochs": trainer.current_epoch, "steps": trainer.global_step,
         "train_seconds": round(timer.seconds, 2),
         "train_images_per_s": round(timer.images / timer.seconds, 1) if timer.seconds else None,
