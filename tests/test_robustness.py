@@ -153,6 +153,7 @@ def test_sigusr1_is_handled_as_sigterm_outside_slurm(monkeypatch):
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.slow
 def test_slurm_requeue_signal_saves_and_requeues(tmp_path):
     """Under SLURM, Lightning's auto-requeue owns SIGUSR1 (preemption.requeue=true): an hpc checkpoint and
     ``scontrol requeue <job>``, here a stand-in that records its arguments; SIGTERM then saves and exits."""
