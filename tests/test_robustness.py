@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import TINY, compose_cfg, make_image_folder, run_cli, start_cli
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from vittm.checkpoints import (
     AtomicCheckpointIO,
@@ -30,7 +30,7 @@ from vittm.checkpoints import (
     save_weights,
 )
 from vittm.data.bad_images import UnreadableImageError
-from vittm.lit import NonFiniteError
+from vittm.lit import NonFiniteError, ViTTMModule
 from vittm.pretrained import read_weights
 from vittm.train import evaluate, train, usr1_means_sigterm
 from vittm.validate import ConfigError
@@ -324,7 +324,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
                          r"set nonfinite=skip to skip such steps", message)
     assert found, message
     step, newest = int(found.group(1)), Path(found.group(2))
-    kept = load_checkpoint(newest)
+    kept = load_checkpoint(newest, verify=True)  # every record matches its CRC: written whole
     assert kept["global_step"] == step
     assert all(v.isfinite().all() for v in kept["state_dict"].values() if v.is_floating_point())
     assert not list((tmp_path / "checkpoints").glob(".*.tmp")) and not (tmp_path / "metrics.json").exists()
@@ -336,6 +336,43 @@ def test_nonfinite_skip_counts_and_finishes(tmp_path):
     last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert last["nonfinite_skipped"] == result["nonfinite_skipped"]
     assert all(v.isfinite().all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+class NaNGradientOnce(Callback):
+    """The gradient of one parameter turns NaN in batch 3 (the loss stays finite)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 3:
+            param = next(pl_module.net.parameters())
+            handle = param.register_hook(lambda grad: handle.remove() or grad * float("nan"))
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_gradient_is_caught_before_the_update(tmp_path, monkeypatch, policy):
+    import vittm.train
+
+    original = vittm.train.checkpoint_callbacks
+    monkeypatch.setattr(vittm.train, "checkpoint_callbacks", lambda *a: [*original(*a), NaNGradientOnce()])
+    cfg = compose_cfg(tmp_path, *TINY, f"nonfinite={policy}")
+    if policy == "stop":
+        with pytest.raises(NonFiniteError, match=r"^nonfinite=stop: the gradient norm is nan at step 3 \(epoch 0, "
+                                                 r"before the optimizer step\); training stopped before this update"):
+            train(cfg)
+        return
+    result = train(cfg)
+    assert result["nonfinite_skipped"] == 1 and result["steps"] == 512 // 64
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(v.isfinite().all() for v in state.values() if v.is_floating_point())
+
+
+def test_nonfinite_weights_are_never_saved():
+    module = ViTTMModule(model=dict(name="vittm_test", num_classes=4), optimizer=dict(opt="adamw", lr=1e-3),
+                         schedule=dict(name="cosine", warmup_steps=0), loss=dict(name="ce"))
+    with torch.no_grad():
+        next(module.net.parameters())[0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"the weights are not finite at step 0 \(net\..*this checkpoint was "
+                                             r"not written, the previous one is kept"):
+        module.on_save_checkpoint({"state_dict": module.state_dict()})
 
 
 # ------------------------------------------------------------------------------------------- bad images
