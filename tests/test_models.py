@@ -291,3 +291,13 @@ def test_baselines_go_through_the_same_factory():
         create_model("vit_base_patch16_224", rw_head="lin", memory_ps=16)
     with pytest.raises(ValueError, match="model='vit_bse_patch16_224' is not a registered timm model"):
         create_model("vit_bse_patch16_224")
+
+
+@pytest.mark.parametrize(("family", "name"), [(f, n) for f, reg in
+                                              (("rw_head", RW_HEADS), ("fusion", FUSIONS),
+                                               ("process_embed", PROCESS_EMBEDS), ("memory_block", MEMORY_BLOCKS))
+                                              for n in reg.names()])
+def test_macs_count_for_every_option(family, name):
+    """metrics.json and the benchmark count MACs for any model a sweep builds (a latent embedder once broke it)."""
+    model = create_model("vittm_test", **{family: name})
+    assert count_macs(model, (3, 32, 32)) > 0

@@ -89,4 +89,6 @@ class LatentProcessEmbed(nn.Module):
         trunc_normal_(self.tokens, std=0.02)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        return self.tokens.expand(x.shape[0], -1, -1, -1)
+        # repeat, not expand: an expand of a parameter made under no_grad is a view with requires_grad but no
+        # grad_fn, which PyTorch's FlopCounterMode (module tracker) rejects; the copy is B x n x D, negligible
+        return self.tokens.repeat(x.shape[0], 1, 1, 1)
