@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 import wandb
 from helpers import TINY, compose_cfg
@@ -16,8 +18,12 @@ def test_wandb_offline_records_the_config(tmp_path, monkeypatch):
     train(compose_cfg(tmp_path / "run", *TINY, "data.train_subset=128", "logger=wandb", "study=my_study"))
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1  # offline, one run
-    record = runs[0].read_bytes()  # protobuf records: the resolved config's strings appear verbatim
-    assert b"latent_size_scale" in record and b"my_study" in record and b"fashion_mnist" in record
+    wanted = (b"latent_size_scale", b"my_study", b"fashion_mnist")  # protobuf records: config strings verbatim
+    deadline = time.monotonic() + 60  # wandb's service process may still be flushing the file after finish()
+    while not all(w in runs[0].read_bytes() for w in wanted) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    record = runs[0].read_bytes()
+    assert all(w in record for w in wanted), record[:200]
     assert wandb.run is None  # finished, so the next multirun job starts its own run
 
 
