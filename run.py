@@ -17,17 +17,14 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         return run(cfg)
-    except ConfigError as err:  # a setting that cannot work: one line per problem, no traceback, nothing trained
-        if in_multirun():  # one bad combination must not end the sweep: record it, let the others run
+    except Exception as err:  # noqa: BLE001
+        if in_multirun():  # one bad combination or crash must not end the sweep: record it, let the others run
             record_failure(cfg.output_dir, err)
             return failed_job_value(err)
-        print(f"error: {err}".replace("\n", "\nerror: "), file=sys.stderr)
-        sys.exit(2)
-    except Exception as err:  # noqa: BLE001 (a crash inside one sweep job: recorded for the report)
-        if not in_multirun():
-            raise
-        record_failure(cfg.output_dir, err)
-        return failed_job_value(err)
+        if isinstance(err, ConfigError):  # a setting that cannot work: one line per problem, no traceback
+            print(f"error: {err}".replace("\n", "\nerror: "), file=sys.stderr)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

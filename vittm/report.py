@@ -237,9 +237,10 @@ def report(sweep_dir: Path, out: Path | None = None) -> dict[str, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
-    axes = [k for k in swept_keys(rows) if k != "seed"]
+    swept = swept_keys(rows)
+    axes = [k for k in swept if k != "seed"]
     groups = group(rows, axes)
-    write_csv(rows, [*axes, *(["seed"] if "seed" in swept_keys(rows) else [])], out / "report.csv")
+    write_csv(rows, [*axes, *(["seed"] if "seed" in swept else [])], out / "report.csv")
     (out / "report.md").write_text(markdown(rows, groups, axes, f"Sweep {sweep_dir.name}"))
     scatter(groups, axes, "gmacs", "GMACs per image", False, out / "acc_vs_macs.png")
     scatter(groups, axes, "train_images_per_s", "training images / s", True, out / "acc_vs_throughput.png")

@@ -53,25 +53,6 @@ def sqlite_url(path: str) -> str:
     return f"sqlite:///{file}"
 
 
-def run_group(study: str) -> str:
-    """wandb group: ``<study>/<sweep folder>`` for a multirun job (all jobs of a sweep share it), else the study."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            return f"{study}/{Path(hydra_cfg.sweep.dir).name}"
-    except ValueError:  # not under Hydra
-        pass
-    return study
-
-
-for _name, _fn in (("job_dirname", job_dirname), ("sqlite_url", sqlite_url), ("run_group", run_group)):
-    if not OmegaConf.has_resolver(_name):
-        OmegaConf.register_new_resolver(_name, _fn)
-
-
 def in_multirun() -> bool:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -82,7 +63,21 @@ def in_multirun() -> bool:
         return False
 
 
-def record_failure(output_dir: str | Path, err: BaseException) -> dict[str, Any]:
+def run_group(study: str) -> str:
+    """wandb group: ``<study>/<sweep folder>`` for a multirun job (all jobs of a sweep share it), else the study."""
+    if in_multirun():
+        from hydra.core.hydra_config import HydraConfig
+
+        return f"{study}/{Path(HydraConfig.get().sweep.dir).name}"
+    return study
+
+
+for _name, _fn in (("job_dirname", job_dirname), ("sqlite_url", sqlite_url), ("run_group", run_group)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
+
+
+def record_failure(output_dir: str | Path, err: BaseException) -> None:
     """Write the failed job's metrics.json (status, error, overrides) so that `vittm.report` can list it."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -97,7 +92,6 @@ def record_failure(output_dir: str | Path, err: BaseException) -> dict[str, Any]
     (out / "error.log").write_text("".join(traceback.format_exception(err)))
     print(f"error: job {out.name} failed: {result['error']} (traceback in {out / 'error.log'}); the sweep goes on",
           file=sys.stderr)
-    return result
 
 
 def failed_job_value(err: Exception) -> float:
