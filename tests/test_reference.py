@@ -74,9 +74,17 @@ def test_each_head_matches_its_reference(name):
         torch.testing.assert_close(head(src, dst), ref_head(head, src, dst), rtol=1e-4, atol=1e-5)
 
 
+def ref_embed(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC §1: the patch embeddings as the convolutions they are, plus the position tables (built size only)."""
+    m = model.memory_embed(x).permute(0, 2, 3, 1)  # (B, h, w, D)
+    proj = getattr(model.process_embed, "proj", None)
+    p = proj(x).permute(0, 2, 3, 1) if proj is not None else model.process_embed(x, m)
+    return m.flatten(1, 2) + model.memory_pos_embed, p.flatten(1, 2) + model.process_pos_embed
+
+
 def ref_forward(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SPEC §1-3 written out: embed, then per layer norm / read / fuse / block / norm / write / fuse / memory."""
-    m, p = model.embed(x)
+    m, p = ref_embed(model, x)
     for layer in model.layers:
         m, p = layer.read_norm(m), layer.read_norm(p)
         p = layer.read_fuse(ref_head(layer.read, m, p), p)
@@ -92,7 +100,8 @@ def ref_forward(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     {}, {"rw_head": "ca", "fusion": "add_erase", "memory_block": "mlp"},
     {"read_head": "lca", "write_head": "dyna", "memory_block": "conv"},
     {"read_head": "tl", "write_head": "la", "fusion": "erase", "process_embed": "downsample"},
-], ids=["published", "ca-add_erase-mlp", "lca-dyna-conv", "tl-la-erase-downsample"])
+    {"memory_ps": 8, "process_ps": 8}, {"process_embed": "latent"},
+], ids=["published", "ca-add_erase-mlp", "lca-dyna-conv", "tl-la-erase-downsample", "shared-patches", "latent"])
 def test_whole_model_matches_the_reference(kwargs):
     model = timm.create_model("vittm_test", num_classes=5, **kwargs).eval()
     for head in (model.head, model.process_head):

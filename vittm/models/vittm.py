@@ -21,6 +21,7 @@ from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vittm.models.embed import PatchProcessEmbed, embed_patches, patchify
 from vittm.registry import FUSIONS, MEMORY_BLOCKS, PROCESS_EMBEDS, RW_HEADS, Spec
 
 EvalHead = Literal["memory", "process", "mean"]
@@ -260,8 +261,12 @@ class ViTTM(nn.Module):
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image (B, C, H, W) -> memory (B, N_m, D) and process (B, N_p, D) tokens with positions."""
         self._check_input(x)
-        m = self.memory_embed(x).permute(0, 2, 3, 1)  # (B, H/ps_m, W/ps_m, D)
-        p = self.process_embed(x, m)  # (B, h_p, w_p, D)
+        patches = patchify(x, self.memory_ps)  # (B, H/ps_m, W/ps_m, C·ps_m²)
+        m = embed_patches(self.memory_embed, patches)  # (B, H/ps_m, W/ps_m, D)
+        if isinstance(self.process_embed, PatchProcessEmbed) and self.process_ps == self.memory_ps:
+            p = embed_patches(self.process_embed.proj, patches)  # the same cut: share the patches
+        else:
+            p = self.process_embed(x, m)  # (B, h_p, w_p, D)
         return self._add_pos(m, self.memory_pos_embed, self.memory_grid), self._add_pos(
             p, self.process_pos_embed, self.process_grid
         )
