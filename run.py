@@ -5,16 +5,15 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import vittm.sweep  # noqa: F401  (registers the resolvers the config uses: job folder names, SQLite URLs)
+# Importing vittm.sweep registers the resolvers the config uses (job folder names, SQLite URLs) before Hydra composes
+# it; it imports the vittm package, and with it torch, so nothing is gained by importing the rest lazily.
+from vittm.sweep import failed_job_value, in_multirun, record_failure
+from vittm.train import main as run
+from vittm.validate import ConfigError
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    # (vittm.sweep above already imported the package, so these imports are cheap here)
-    from vittm.sweep import failed_job_value, in_multirun, record_failure
-    from vittm.train import main as run
-    from vittm.validate import ConfigError
-
     try:
         return run(cfg)
     except Exception as err:  # noqa: BLE001

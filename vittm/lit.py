@@ -22,7 +22,6 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import grad_norm
 from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -183,15 +182,15 @@ class ViTTMModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
         # Under 16-mixed the GradScaler expects occasional inf gradients and skips those steps itself.
-        if grads and self.trainer.precision != "16-mixed":
-            norm = torch.nn.utils.get_total_norm(grads)
-            if self.nonfinite_found("gradient norm", norm, "before the optimizer step"):
-                for p in self.net.parameters():  # optimizers leave parameters without a gradient untouched
-                    p.grad = None
-            elif self.hparams.log_grad_norm:
-                self.log("train/grad_norm", norm)
+        check = self.trainer.precision != "16-mixed"
+        if not grads or not (check or self.hparams.log_grad_norm):
+            return
+        norm = torch.nn.utils.get_total_norm(grads)  # one norm for both the check and the log
+        if check and self.nonfinite_found("gradient norm", norm, "before the optimizer step"):
+            for p in self.net.parameters():  # optimizers leave parameters without a gradient untouched
+                p.grad = None
         elif self.hparams.log_grad_norm:
-            self.log("train/grad_norm", grad_norm(self.net, norm_type=2)["grad_2.0_norm_total"])
+            self.log("train/grad_norm", norm)
 
     def nonfinite_found(self, what: str, value: torch.Tensor, where: str) -> bool:
         """True when ``value`` is not finite on any rank (all ranks then skip together); raises under ``stop``."""
