@@ -49,6 +49,7 @@ def test_bench_rows_and_files(tmp_path):
 @pytest.mark.parametrize("override,key", [
     ("bench.device=tpu", "bench.device"), ("bench.dtype=fp8", "bench.dtype"), ("bench.modes=[serve]", "bench.modes"),
     ("bench.batch_sizes=[0]", "bench.batch_sizes"),
+    ("bench.compile=fast", "bench.compile"),
 ])
 def test_bench_bad_input(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -423,13 +423,15 @@ def test_unreadable_image_fails_naming_the_file(tmp_path):
 def test_new_settings_are_validated_one_line_each(tmp_path):
     cfg = compose_cfg(tmp_path, *TINY, "resume=/no/such.ckpt", "nonfinite=ignore", "checkpoint.every_n_steps=-1",
                       "checkpoint.keep=0", "checkpoint.export_format=npz", "preemption.requeue=maybe", "seed=-1",
-                      "data.on_bad_image=retry", "model.memory_ps=5", "model.process_ps=6")
+                      "data.on_bad_image=retry", "model.memory_ps=5", "model.process_ps=6", "compile=fast")
     with pytest.raises(ConfigError) as err:
         train(cfg)
     assert str(err.value).splitlines() == [
         "seed=-1: must be an integer >= 0",
         "resume='/no/such.ckpt': file does not exist (or use resume=auto: the newest checkpoint of the run directory)",
         "nonfinite='ignore': choose one of ['stop', 'skip']",
+        "compile='fast': true, false or a torch.compile mode: ['default', 'reduce-overhead', 'max-autotune', "
+        "'max-autotune-no-cudagraphs']",
         "preemption.requeue='maybe': true or false",
         "checkpoint.every_n_steps=-1: an integer >= 0 (0: only per epoch)",
         "checkpoint.keep=0: an integer >= 1 (periodic checkpoints kept)",

@@ -220,3 +220,12 @@ def test_documented_commands_train(tmp_path, overrides):
                                "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1",
                                "checkpoint.save=false"))  # a base-size checkpoint is ~2 GB
     assert result["steps"] == 1 and result["macs"] > 1e9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_training_with_cuda_graphs(tmp_path):
+    """trainer=gpu (bf16-mixed) with compile=reduce-overhead: CUDA graphs replayed in training and validation."""
+    result = train(compose_cfg(tmp_path, *TINY, "trainer=gpu", "compile=reduce-overhead", "trainer.max_epochs=3"))
+    assert result["steps"] == 24
+    assert result["final"]["val/memory_acc1"] > 0.2 and result["final"]["val/process_acc1"] > 0.2  # chance: 0.1

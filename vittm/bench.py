@@ -5,8 +5,9 @@
 Hydra-composed like run.py (conf/bench.yaml): the ``model``/``rw_head``/``fusion`` groups build the entry ``model``;
 other ``bench.models`` entries are timm names at their defaults, so baselines run through the same code, in the same
 process. Warm-up runs are excluded; latency is the median (and inter-quartile range) of ``repeats`` timed runs;
-threads are pinned and reported. A reference fp32 matmul measured in the same run gives the machine's attainable
-FLOP/s, against which each model's achieved FLOP/s (2 x MACs x batch / latency) is stated.
+threads are pinned and reported. A reference matmul measured in the same run (fp32, or under the same bf16/fp16
+autocast as the models) gives the machine's attainable FLOP/s, against which each model's achieved FLOP/s
+(2 x MACs x batch / latency) is stated.
 Writes ``bench.csv``, ``bench.md`` and ``bench.png`` (throughput vs MACs, plus accuracy when ``bench.results``
 names a file of accuracies) into the run directory.
 """
@@ -31,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vittm.errors import ConfigError
 from vittm.flops import count_macs, count_params
+from vittm.lit import COMPILE_MODES, compile_options
 from vittm.models import ViTTM, create_model
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -111,14 +113,17 @@ def timed_once(fn, sync) -> float:
     return time.perf_counter() - start
 
 
-def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, autocast) -> Any:
-    """One inference forward, or one training step (both heads' losses for a ViTTM) with AdamW."""
+def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, autocast, compile_: dict | None) -> Any:
+    """One inference forward, or one training step (both heads' losses for a ViTTM) with AdamW.
+    ``compile_``: torch.compile options, or None for eager; what runs is compiled (``forward_both`` for a ViTTM's
+    training step, which a compiled module's plain call would not reach)."""
     if mode == "inference":
         model.eval()
+        runner = torch.compile(model, **compile_) if compile_ is not None else model
 
         def infer() -> None:
             with torch.inference_mode(), autocast():
-                model(x)
+                runner(x)
 
         return infer
     model.train()
@@ -126,6 +131,8 @@ def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, autocast) -> Any
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     target = torch.zeros(len(x), dtype=torch.long, device=x.device)
     forward = model.forward_both if isinstance(model, ViTTM) else lambda inp: (model(inp),)
+    if compile_ is not None:
+        forward = torch.compile(forward, **compile_)
 
     def train() -> None:
         with autocast():
@@ -149,6 +156,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     bad_modes = [m for m in b.modes if m not in ("inference", "train")]
     if bad_modes or not b.models or not b.batch_sizes or min(b.batch_sizes) < 1:
         raise ConfigError("bench.modes must be inference/train, bench.models and bench.batch_sizes non-empty (>= 1)")
+    if not isinstance(b.compile, bool) and b.compile not in COMPILE_MODES:
+        raise ConfigError(f"bench.compile={b.compile!r}: choose true, false or a torch.compile mode {COMPILE_MODES}")
     if b.threads:
         torch.set_num_threads(int(b.threads))
     device = torch.device(b.device)
@@ -169,13 +178,13 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         model = model.to(device)
         if b.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        runner = torch.compile(model, fullgraph=b.fullgraph) if b.compile else model
+        compile_ = compile_options(b.compile, fullgraph=b.fullgraph)
         for mode in b.modes:
             for batch in b.batch_sizes:
                 x = torch.randn(batch, *size, device=device)
                 if b.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                fn = step_fn(runner, x, mode, autocast)
+                fn = step_fn(model, x, mode, autocast, compile_)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 with PeakRSS() as rss:
@@ -190,8 +199,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     n = b.matmul_size
     left, right = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
 
-    def matmul() -> None:
-        left @ right
+    def matmul() -> None:  # under the models' autocast: the attainable rate of the dtype they compute in
+        with autocast():
+            left @ right
 
     timed_once(matmul, sync)
     times: list[list[float]] = [[] for _ in entries]
@@ -210,7 +220,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             "median_ms": round(1000 * median, 2), "iqr_ms": round(1000 * (q3 - q1), 2),
             "images_per_s": round(stub["batch"] / median, 2), "gflops": round(gflops, 1),
             "pct_of_matmul": round(100 * gflops / peak, 1), "device": b.device, "dtype": b.dtype,
-            "compile": b.compile, "channels_last": b.channels_last, "threads": torch.get_num_threads(),
+            "compile": b.compile, "channels_last": b.channels_last,
+            "threads": torch.get_num_threads(),
             "matmul_gflops": round(peak, 1),
         })
     return rows
@@ -244,7 +255,7 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, results: str | None) ->
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     r0 = rows[0]
     lines += ["", f"{r0['device']} {r0['dtype']}, compile={r0['compile']}, channels_last={r0['channels_last']}, "
-                  f"{r0['threads']} threads; reference fp32 matmul {r0['matmul_gflops']} GFLOP/s", ""]
+                  f"{r0['threads']} threads; reference {r0['dtype']} matmul {r0['matmul_gflops']} GFLOP/s", ""]
     lines += ratios(rows)
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "bench.png", load_accuracy(results))

@@ -62,6 +62,17 @@ def apply_freeze(net: nn.Module, mode: str) -> None:
             param.requires_grad_(bool(re.search(TRAINABLE[mode], name)) or (mode == "peft" and name in norms))
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+def compile_options(compile: bool | str, **extra: Any) -> dict[str, Any] | None:
+    """``compile`` as the configs give it (false, true or a torch.compile mode) -> torch.compile kwargs, or None.
+    ``reduce-overhead`` replays CUDA graphs: on a GPU a ViTTM's many small kernels are launch-bound without them."""
+    if compile is False:
+        return None
+    return {"mode": None if compile is True else compile, **extra}
+
+
 class ViTTMModule(L.LightningModule):
     def __init__(
         self,
@@ -72,7 +83,7 @@ class ViTTMModule(L.LightningModule):
         augment: dict[str, Any] | None = None,
         ema: dict[str, Any] | None = None,
         freeze: str = "none",
-        compile: bool = False,
+        compile: bool | str = False,
         log_grad_norm: bool = False,
         nonfinite: str = "stop",
     ) -> None:
@@ -87,7 +98,8 @@ class ViTTMModule(L.LightningModule):
         self.two_heads = isinstance(self.net, ViTTM)
         self.ema = self._new_ema()
         # torch.compile wraps a callable kept outside the module tree, so checkpoints stay the same either way.
-        self.__dict__["_run"] = torch.compile(self._forward_raw) if compile else self._forward_raw
+        options = compile_options(compile)
+        self.__dict__["_run"] = torch.compile(self._forward_raw, **options) if options else self._forward_raw
 
         aug = augment or {}
         mixing = aug.get("mixup", 0) > 0 or aug.get("cutmix", 0) > 0
