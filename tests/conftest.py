@@ -1,4 +1,5 @@
-"""Test-wide settings: never touch the network (timm's hub look-ups fail fast), wandb offline."""
+"""Test-wide settings: never touch the network (timm's hub look-ups fail fast), wandb offline; tests marked ``gpu``
+skip without CUDA."""
 
 import os
 
@@ -12,3 +13,12 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -105,11 +105,7 @@ def test_lin_model_compiles_fullgraph():
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 @pytest.mark.gpu
-@gpu
 def test_bench_cuda_bf16_compiled(tmp_path):
     rows = run(bench_cfg(tmp_path, "bench.device=cuda", "bench.dtype=bf16", "bench.compile=true",
                          "bench.modes=[inference,train]", "bench.batch_sizes=[8]", "bench.threads=null"))
@@ -119,7 +115,6 @@ def test_bench_cuda_bf16_compiled(tmp_path):
 
 
 @pytest.mark.gpu
-@gpu
 def test_lin_model_bf16_compiled_matches_fp32_on_cuda():
     torch.manual_seed(0)
     model = create_model("vittm_tiny", img_size=112, num_classes=10).cuda()

@@ -223,7 +223,6 @@ def test_documented_commands_train(tmp_path, overrides):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_bf16_training_with_cuda_graphs(tmp_path):
     """trainer=gpu (bf16-mixed) with compile=reduce-overhead: CUDA graphs replayed in training and validation."""
     result = train(compose_cfg(tmp_path, *TINY, "trainer=gpu", "compile=reduce-overhead", "trainer.max_epochs=3"))

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vittm.errors import ConfigError
 from vittm.flops import count_macs, count_params
-from vittm.lit import COMPILE_MODES, compile_options
+from vittm.lit import COMPILE_MODES, compile_options, is_compile_setting
 from vittm.models import ViTTM, create_model
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -156,7 +156,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     bad_modes = [m for m in b.modes if m not in ("inference", "train")]
     if bad_modes or not b.models or not b.batch_sizes or min(b.batch_sizes) < 1:
         raise ConfigError("bench.modes must be inference/train, bench.models and bench.batch_sizes non-empty (>= 1)")
-    if not isinstance(b.compile, bool) and b.compile not in COMPILE_MODES:
+    if not is_compile_setting(b.compile):
         raise ConfigError(f"bench.compile={b.compile!r}: choose true, false or a torch.compile mode {COMPILE_MODES}")
     if b.threads:
         torch.set_num_threads(int(b.threads))
@@ -220,8 +220,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             "median_ms": round(1000 * median, 2), "iqr_ms": round(1000 * (q3 - q1), 2),
             "images_per_s": round(stub["batch"] / median, 2), "gflops": round(gflops, 1),
             "pct_of_matmul": round(100 * gflops / peak, 1), "device": b.device, "dtype": b.dtype,
-            "compile": b.compile, "channels_last": b.channels_last,
-            "threads": torch.get_num_threads(),
+            "compile": b.compile, "channels_last": b.channels_last, "threads": torch.get_num_threads(),
             "matmul_gflops": round(peak, 1),
         })
     return rows

@@ -65,6 +65,10 @@ def apply_freeze(net: nn.Module, mode: str) -> None:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
+def is_compile_setting(value: Any) -> bool:
+    return isinstance(value, bool) or value in COMPILE_MODES
+
+
 def compile_options(compile: bool | str, **extra: Any) -> dict[str, Any] | None:
     """``compile`` as the configs give it (false, true or a torch.compile mode) -> torch.compile kwargs, or None.
     ``reduce-overhead`` replays CUDA graphs: on a GPU a ViTTM's many small kernels are launch-bound without them."""

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from vittm.checkpoints import load_checkpoint
 from vittm.data.bad_images import POLICIES
 from vittm.errors import ConfigError
-from vittm.lit import COMPILE_MODES, NONFINITE
+from vittm.lit import COMPILE_MODES, NONFINITE, is_compile_setting
 from vittm.models import create_model, is_vittm
 
 OPTIMIZERS = ("adamw", "sgd", "lamb")
@@ -55,7 +55,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.mode == "train":
         need(not (resume and cfg.ckpt_path), "resume", resume, f"ckpt_path={cfg.ckpt_path!r} is set too; use one")
     need(cfg.nonfinite in NONFINITE, "nonfinite", cfg.nonfinite, f"choose one of {list(NONFINITE)}")
-    need(isinstance(cfg.compile, bool) or cfg.compile in COMPILE_MODES, "compile", cfg.compile,
+    need(is_compile_setting(cfg.compile), "compile", cfg.compile,
          f"true, false or a torch.compile mode: {list(COMPILE_MODES)}")
     need(isinstance(cfg.preemption.requeue, bool), "preemption.requeue", cfg.preemption.requeue, "true or false")
     ck = cfg.checkpoint
