@@ -32,8 +32,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from vittm.errors import ConfigError
-from vittm.models import ViTTM, create_model
-from vittm.pretrained import load_pretrained
+from vittm.models import ViTTM, WeightsReport, create_model, load_weights
 
 NONFINITE = ("stop", "skip")
 
@@ -161,13 +160,14 @@ class ViTTMModule(L.LightningModule):
         evaluated = {"memory": memory, "process": process, "mean": (memory + process) / 2}[self.net.eval_head]
         return {"memory": memory, "process": process, "": evaluated}
 
-    def load_pretrained(self, path: str) -> list[str]:
-        """Fine-tuning start: weights from ``path`` (EMA weights of a Lightning checkpoint when present), both heads
-        left fresh for the new class count; the EMA restarts from the loaded weights."""
-        missing = load_pretrained(self.net, path)
+    def load_pretrained(self, path: str) -> WeightsReport:
+        """Fine-tuning start: the weights in ``path`` (any format vittm.models.loading reads; the EMA weights of a
+        checkpoint that has them), both heads kept if their class count is the data's, else fresh; the EMA restarts
+        from the loaded weights."""
+        report = load_weights(self.net, path, key="finetune.from_ckpt")
         apply_freeze(self.net, self.hparams.freeze)
         self.ema = self._new_ema()
-        return missing
+        return report
 
     # ----------------------------------------------------------------------------------------- training
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -86,6 +86,15 @@ class Registry:
         return cls(**kwargs)
 
 
+def spec_name(spec: Spec) -> str | None:
+    """The registry name a spec refers to (``None`` for a class that was never registered)."""
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, Mapping):
+        return spec.get("name")
+    return getattr(spec, "registry_name", None)
+
+
 # Constructor arguments every component may receive from the model (never set from a config).
 MODEL_DIMS = frozenset(
     {"dim", "num_heads", "num_src", "num_dst", "num_tokens", "in_chans", "img_size", "memory_ps", "process_ps"}

@@ -3,11 +3,12 @@
 from vittm.models import embed, fusion, memory, rw_heads  # noqa: F401  (registration side effects)
 from vittm.models.entrypoints import SIZES
 from vittm.models.factory import VITTM_ONLY_ARGS, create_model, forward_heads, is_vittm
-from vittm.models.from_vit import convert_vit_state_dict, load_vit_checkpoint, vit_checkpoint_filter
+from vittm.models.from_vit import convert_vit_state_dict
+from vittm.models.loading import WeightsError, WeightsReport, load_weights, read_state_dict
 from vittm.models.vittm import DEFAULT_RW_HEAD, EVAL_HEADS, ViTTM, ViTTMLayer
 
 __all__ = [
-    "DEFAULT_RW_HEAD", "EVAL_HEADS", "SIZES", "VITTM_ONLY_ARGS", "ViTTM", "ViTTMLayer",
-    "convert_vit_state_dict", "create_model", "forward_heads", "is_vittm", "load_vit_checkpoint",
-    "vit_checkpoint_filter",
+    "DEFAULT_RW_HEAD", "EVAL_HEADS", "SIZES", "VITTM_ONLY_ARGS", "ViTTM", "ViTTMLayer", "WeightsError",
+    "WeightsReport", "convert_vit_state_dict", "create_model", "forward_heads", "is_vittm", "load_weights",
+    "read_state_dict",
 ]

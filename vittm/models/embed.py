@@ -1,8 +1,10 @@
 """Process-stream embedders (SPEC §1): how the image becomes the few process tokens.
 
-Each returns a token grid ``(B, h, w, D)`` (NHWC) so the model can add, and if needed resample, the process
-position table. The model passes ``dim, in_chans, img_size, memory_ps, process_ps``; ``process_tokens`` is the
-embedder's own knob (``None`` -> (H/process_ps)·(W/process_ps), the count a ``patch`` embedder would make).
+``forward(x, memory, patches)`` gets the image (B, C, H, W), the memory token grid (B, H/ps_m, W/ps_m, D) and the
+memory stream's flattened patches (``patchify(x, memory_ps)``), and returns a token grid ``(B, h, w, D)`` (NHWC) so the
+model can add, and if needed resample, the process position table. The model passes ``dim, in_chans, img_size,
+memory_ps, process_ps``; ``process_tokens`` is the embedder's own knob (``None`` -> (H/process_ps)·(W/process_ps),
+the count a ``patch`` embedder would make).
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ def patchify(x: torch.Tensor, ps: int) -> torch.Tensor:
     return patches.reshape(B, H // ps, W // ps, C * ps * ps)
 
 
-def embed_patches(conv: nn.Conv2d, patches: torch.Tensor) -> torch.Tensor:
-    """A Conv2d with kernel = stride, applied to ``patchify``'s output as one GEMM: (B·h·w, C·ps²) @ (C·ps², D).
+def embed_patches(weight: torch.Tensor, bias: torch.Tensor | None, patches: torch.Tensor) -> torch.Tensor:
+    """A Conv2d (``weight``, ``bias``) with kernel = stride, applied to ``patchify``'s output as one GEMM:
+    (B·h·w, C·ps²) @ (C·ps², D).
 
     Written by hand because on CPU MKL's GEMM beats oneDNN's convolution here (ViTTM-B, batch 8, both 28 x 28
     embeddings: 21.6 vs 23.8 ms), the tokens come out in (B, h, w, D) order with no permute, and two embedders that
     cut the image the same way share one ``patchify``. Same maths as ``conv(x).permute(0, 2, 3, 1)``.
     """
-    return F.linear(patches, conv.weight.flatten(1), conv.bias)
+    return F.linear(patches, weight.flatten(1), bias)
 
 
 def check_tokens(name: str, n: object) -> int:
@@ -50,9 +53,11 @@ class PatchProcessEmbed(nn.Module):
     """Its own Conv2d with kernel = stride = process_ps (the published choice); xavier-uniform weight, zero bias."""
 
     def __init__(
-        self, dim: int, in_chans: int, img_size: tuple[int, int], process_ps: int, process_tokens: int | None = None
+        self, dim: int, in_chans: int, img_size: tuple[int, int], process_ps: int, memory_ps: int,
+        process_tokens: int | None = None,
     ) -> None:
         super().__init__()
+        self.reuse_memory_patches = process_ps == memory_ps  # the same cut: one patchify serves both streams
         self.grid_size = (img_size[0] // process_ps, img_size[1] // process_ps)
         self.num_tokens = self.grid_size[0] * self.grid_size[1]
         if process_tokens is not None and process_tokens != self.num_tokens:
@@ -67,8 +72,10 @@ class PatchProcessEmbed(nn.Module):
         nn.init.xavier_uniform_(self.proj.weight)  # on the 4-D kernel, as the published artifact does
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        return embed_patches(self.proj, patchify(x, self.proj.stride[0]))  # (B, h, w, D)
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        if not self.reuse_memory_patches:
+            patches = patchify(x, self.proj.stride[0])
+        return embed_patches(self.proj.weight, self.proj.bias, patches)  # (B, h, w, D)
 
 
 @PROCESS_EMBEDS.register("downsample")
@@ -86,7 +93,7 @@ class DownsampleProcessEmbed(nn.Module):
             )
         self.grid_size, self.num_tokens = (side, side), n
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         pooled = F.adaptive_avg_pool2d(memory.permute(0, 3, 1, 2), self.grid_size)  # (B, D, √n, √n)
         return pooled.permute(0, 2, 3, 1)
 
@@ -106,7 +113,7 @@ class LatentProcessEmbed(nn.Module):
     def reset_parameters(self) -> None:
         trunc_normal_(self.tokens, std=0.02)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         # repeat, not expand: an expand of a parameter made under no_grad is a view with requires_grad but no
         # grad_fn, which PyTorch's FlopCounterMode (module tracker) rejects; the copy is B x n x D, negligible
         return self.tokens.repeat(x.shape[0], 1, 1, 1)

@@ -11,30 +11,19 @@ Everything else (read/write heads and their norms, memory blocks, both classifie
 
 from __future__ import annotations
 
-import logging
 import math
 import re
-from pathlib import Path
 
 import torch
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
-from timm.models import load_state_dict
 from timm.models._manipulate import adapt_input_conv
-
-_logger = logging.getLogger(__name__)
-
-
-def vit_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """timm ``pretrained_filter_fn``: a ViT (or ViTTM) state dict -> a complete state dict for ``model``."""
-    if "memory_embed.weight" in state_dict:  # already a ViTTM checkpoint
-        return state_dict
-    return convert_vit_state_dict(state_dict, model)[0]
 
 
 def convert_vit_state_dict(
     state_dict: dict[str, torch.Tensor], model: torch.nn.Module
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(complete ViTTM state dict for ``model``, the ViTTM keys whose values came from the ViT)."""
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """(complete ViTTM state dict for ``model``, the ViTTM keys whose values came from the ViT, the ViT keys left
+    out). Loading goes through vittm.models.loading.load_weights, which detects the format."""
     if "patch_embed.proj.weight" not in state_dict or not any(k.startswith("blocks.") for k in state_dict):
         raise ValueError(
             "checkpoint is neither a ViTTM nor a timm ViT state dict (expected 'patch_embed.proj.weight' and "
@@ -88,23 +77,4 @@ def convert_vit_state_dict(
                 table = resample_abs_pos_embed(pos.float(), list(grid), old_size=(side, side), num_prefix_tokens=prefix)
                 put(key, table[:, prefix:], "pos_embed")
 
-    _logger.info("ViT -> ViTTM: loaded %d tensors; not used from the ViT: %s", len(loaded), skipped or "nothing")
-    return out, loaded
-
-
-def load_vit_checkpoint(model: torch.nn.Module, path: str | Path) -> list[str]:
-    """Load a local timm ViT (or ViTTM) weight file (.pth/.bin with weights_only, or .safetensors) into ``model``.
-
-    Returns the ViTTM keys that came from the file. Same as
-    ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))`` for an existing model.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ViT checkpoint {str(path)!r} does not exist")
-    state_dict = load_state_dict(str(path), weights_only=True)
-    if "memory_embed.weight" in state_dict:
-        model.load_state_dict(state_dict, strict=True)
-        return list(state_dict)
-    converted, loaded = convert_vit_state_dict(state_dict, model)
-    model.load_state_dict(converted, strict=True)
-    return loaded
+    return out, loaded, skipped

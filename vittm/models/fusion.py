@@ -7,9 +7,19 @@ process stream, write into the memory stream) of the same kind; it passes ``dim`
 from __future__ import annotations
 
 import torch
+from timm.layers import register_notrace_function
 from torch import nn
 
 from vittm.registry import FUSIONS
+
+
+@register_notrace_function  # torch.fx calls it as it is instead of tracing its shape test
+def check_target_tokens(num_tokens: int, target: torch.Tensor) -> None:
+    if target.shape[1] != num_tokens:
+        raise ValueError(
+            f"fusion 'add_erase' was built for {num_tokens} target tokens but got {target.shape[1]}: its gate has "
+            f"one output per token, so it only runs at the img_size it was built for"
+        )
 
 
 @FUSIONS.register("residual")
@@ -43,10 +53,7 @@ class AddEraseFusion(nn.Module):
         self.gate = nn.Linear(dim, num_tokens)
 
     def forward(self, rw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if target.shape[1] != self.num_tokens:
-            raise ValueError(
-                f"fusion 'add_erase' was built for {self.num_tokens} target tokens but got {target.shape[1]}: its "
-                f"gate has one output per token, so it only runs at the img_size it was built for"
-            )
+        if not torch.jit.is_scripting():
+            check_target_tokens(self.num_tokens, target)
         g = torch.sigmoid(self.gate(rw.mean(dim=1))).unsqueeze(-1)  # (B, N_target, 1)
         return torch.lerp(target, rw, g)  # (1 - g) * target + g * rw

@@ -37,7 +37,7 @@ class MlpMemoryBlock(NoMemoryBlock):
             raise ValueError(
                 f"memory_block 'mlp': memory_mlp_ratio={memory_mlp_ratio!r} gives no hidden units at D={dim}"
             )
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = nn.LayerNorm(dim)  # eps 1e-5, as the authors' memory MLP (SPEC §6)
         self.mlp = Mlp(dim, hidden, act_layer=nn.GELU)
 
     def decode(self, m: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:

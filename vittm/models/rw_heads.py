@@ -6,13 +6,16 @@ residual: the fusion (fusion.py) combines the output with the target stream.
 
 The model passes the dims it owns (``dim``, ``num_heads``, ``num_src``, ``num_dst``); everything else in a
 constructor is a knob a config may set (``latent_size_scale``, ``reduced_dim``, ...).
+
+Every LayerNorm inside a head keeps torch's default eps 1e-5, as the authors' code does (SPEC §4); only the stream
+norms and the ViT blocks use 1e-6.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
+from timm.layers import Mlp, register_notrace_function
 from torch import nn
 
 from vittm.registry import RW_HEADS
@@ -36,13 +39,14 @@ def check_heads(dim: int, num_heads: int, name: str) -> None:
         raise ValueError(f"rw_head {name!r}: D={dim} must be divisible by num_heads={num_heads}")
 
 
-def check_tokens(head: nn.Module, src: torch.Tensor, dst: torch.Tensor) -> None:
+@register_notrace_function  # torch.fx calls it as it is instead of tracing its shape test
+def check_tokens(name: str, num_src: int, num_dst: int, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Heads whose weights depend on token counts only work at the resolution they were built for."""
-    if src.shape[1] != head.num_src or dst.shape[1] != head.num_dst:
+    if src.shape[1] != num_src or dst.shape[1] != num_dst:
         raise ValueError(
-            f"rw_head {head.registry_name!r} was built for {head.num_src} source and {head.num_dst} destination "
-            f"tokens but got {src.shape[1]} and {dst.shape[1]}: its weights depend on the token counts, so it only "
-            f"runs at the img_size it was built for (build the model with the new img_size instead)"
+            f"rw_head {name!r} was built for {num_src} source and {num_dst} destination tokens but got "
+            f"{src.shape[1]} and {dst.shape[1]}: its weights depend on the token counts, so it only runs at the "
+            f"img_size it was built for (build the model with the new img_size instead)"
         )
 
 
@@ -93,7 +97,7 @@ class CrossAttentionHead(nn.Module):
         check_heads(dim, num_heads, "ca")
         self.num_heads = num_heads
         self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)  # kv = [W_k | W_v]
-        self.q_norm, self.k_norm, self.v_norm = (nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
+        self.q_norm, self.k_norm, self.v_norm = (nn.LayerNorm(dim) for _ in range(3))
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -118,8 +122,8 @@ class LatentCrossAttentionHead(nn.Module):
         c = latent_width(dim, latent_size_scale, "lca", num_heads)
         self.num_heads, self.c = num_heads, c
         self.q, self.kv = nn.Linear(dim, c), nn.Linear(dim, c + dim)  # kv = [W_k | W_v]
-        self.q_norm, self.k_norm = nn.LayerNorm(c, eps=1e-6), nn.LayerNorm(c, eps=1e-6)
-        self.v_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.q_norm, self.k_norm = nn.LayerNorm(c), nn.LayerNorm(c)
+        self.v_norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -140,7 +144,7 @@ class LatentAttentionHead(nn.Module):
     def __init__(self, dim: int, latent_size_scale: int = 4, hidden_dim: int = 64) -> None:
         super().__init__()
         c = latent_width(dim, latent_size_scale, "la")
-        self.q_norm, self.k_norm = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.q_norm, self.k_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.q_mlp = Mlp(dim, hidden_dim, c, act_layer=nn.GELU)
         self.k_mlp = Mlp(dim, hidden_dim, c, act_layer=nn.GELU)
 
@@ -159,11 +163,12 @@ class TokenLearnerHead(nn.Module):
     def __init__(self, dim: int, num_src: int, num_dst: int) -> None:
         super().__init__()
         self.num_src, self.num_dst = num_src, num_dst
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, num_dst, num_dst, act_layer=nn.GELU)  # D -> M -> M
 
     def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-        check_tokens(self, src, dst)
+        if not torch.jit.is_scripting():
+            check_tokens(self.registry_name, self.num_src, self.num_dst, src, dst)
         z = torch.cat([src, dst], dim=1)  # (B, N+M, D)
         attn = self.mlp(self.norm(z)).transpose(1, 2).softmax(dim=-1)  # (B, M, N+M)
         return attn @ z
@@ -187,13 +192,14 @@ class DynaMixerHead(nn.Module):
         self.num_heads, self.reduced_dim = num_heads, reduced_dim
         self.num_src, self.num_dst = num_src, num_dst
         tokens = num_src + num_dst
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = nn.LayerNorm(dim)
         self.compress = nn.Linear(dim, num_heads * reduced_dim)
         self.generate = nn.Linear(tokens * reduced_dim, tokens * num_dst)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-        check_tokens(self, src, dst)
+        if not torch.jit.is_scripting():
+            check_tokens(self.registry_name, self.num_src, self.num_dst, src, dst)
         z = self.norm(torch.cat([src, dst], dim=1))  # (B, L, D)
         B, L, D = z.shape
         M, h = self.num_dst, self.num_heads

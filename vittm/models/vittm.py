@@ -6,27 +6,31 @@ The contract this file implements is shared/SPEC.md §1-3 and §7.
 Two token streams of width D: a large *memory* stream M that never enters a transformer block, and a small
 *process* stream P that does. In every layer P reads from M, runs one ViT block, and writes back to M.
 The parts that vary between papers' ablations (read/write heads, fusion, process embedder, memory block) come
-from the registries in ``vittm.registry``; this file only wires them.
+from the registries in ``vittm.registry``; this file only wires them, and speaks timm's model API.
 """
 
-from __future__ import annotations
-
-from collections.abc import Mapping
+# No ``from __future__ import annotations`` here: torch.fx writes the annotations of forward() into the code it
+# generates, and TorchScript can only read that code when they are real types, not strings.
+from contextlib import nullcontext
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from timm.layers import calculate_drop_path_rates, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.layers import calculate_drop_path_rates, to_2tuple, trunc_normal_
+from timm.models._features import feature_take_indices  # timm's own models import it from here
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vittm.models.checks import check_config, check_global_pool, check_input_size, grid_pos_table
 from vittm.models.embed import PatchProcessEmbed, embed_patches, patchify
 from vittm.registry import FUSIONS, MEMORY_BLOCKS, PROCESS_EMBEDS, RW_HEADS, Spec
 
 EvalHead = Literal["memory", "process", "mean"]
 EVAL_HEADS = ("memory", "process", "mean")
 DEFAULT_RW_HEAD = {"name": "lin", "latent_size_scale": 4}  # the published head
+STREAMS = ("memory", "process")
 
 
 def layer_norm(dim: int) -> nn.LayerNorm:
@@ -79,10 +83,15 @@ class ViTTMLayer(nn.Module):
 class ViTTM(nn.Module):
     """Vision Token Turing Machine classifier with a memory head and a process head.
 
+    ``model(x)`` returns one logits tensor (timm's convention): in eval mode the ``eval_head``'s; in training mode
+    the mean of both heads' logits, as timm's distilled DeiT does, so that a plain ``criterion(model(x), y)`` loop
+    (timm's train.py, DDP without ``find_unused_parameters``) trains every parameter. ``forward_both`` returns both
+    heads' logits; this framework's training sums their losses (SPEC §3).
+
     Args:
         img_size: input size the model is built for (int or (H, W)); other sizes work when divisible by the
             patch sizes, with the position tables resampled (except for size-bound ``tl``/``dyna``/``add_erase``).
-        in_chans, num_classes: as in timm.
+        in_chans, num_classes: as in timm (``num_classes=0``: no classifiers, pooled features out).
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the ViT widths (D, layers, heads).
         memory_ps: patch size of the memory stream (kernel = stride of its Conv2d).
         process_ps: patch size of the process stream (sets the process token count for every embedder).
@@ -92,10 +101,14 @@ class ViTTM(nn.Module):
         process_embed: process embedder spec (``patch``, ``downsample``, ``latent``).
         process_tokens: process token count for ``downsample``/``latent`` (default: (H/process_ps)·(W/process_ps)).
         memory_block: memory block spec (``none``, ``mlp``, ``conv``).
-        eval_head: which logits ``forward`` returns: ``memory``, ``process`` or ``mean`` (of the two logits).
+        eval_head: which logits ``forward`` returns in eval mode: ``memory``, ``process`` or ``mean`` (of the two).
         drop_rate: dropout before the classifiers; proj/attn drop: inside the ViT blocks.
         drop_path_rate: stochastic depth of the ViT blocks, linspace(0, rate, depth); heads get none.
+        global_pool: ``avg`` (mean over tokens) or ``''`` (unpooled: the eval stream's tokens, per-token logits).
+        device, dtype: where and in which dtype to create the parameters (timm's factory passes them).
     """
+
+    __jit_unused_properties__ = ["eval_head"]  # TorchScript reads the validated _eval_head
 
     def __init__(
         self,
@@ -122,6 +135,8 @@ class ViTTM(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         img_size = to_2tuple(img_size)
@@ -133,43 +148,53 @@ class ViTTM(nn.Module):
         self.global_pool = global_pool
         self.grad_checkpointing = False
 
-        # Streams: memory = Conv2d patches; process = the chosen embedder. Each gets its own position table.
-        self.memory_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=memory_ps, stride=memory_ps)
-        self.memory_grid = (img_size[0] // memory_ps, img_size[1] // memory_ps)
-        self.process_embed = PROCESS_EMBEDS.build(
-            process_embed, dim=embed_dim, in_chans=in_chans, img_size=img_size, memory_ps=memory_ps,
-            process_ps=process_ps, process_tokens=process_tokens,
-        )
-        self.process_grid = tuple(self.process_embed.grid_size)
-        num_memory = self.memory_grid[0] * self.memory_grid[1]
-        num_process = self.process_grid[0] * self.process_grid[1]
-        self.memory_pos_embed = nn.Parameter(torch.zeros(1, num_memory, embed_dim))
-        self.process_pos_embed = nn.Parameter(torch.zeros(1, num_process, embed_dim))
-
-        dpr = calculate_drop_path_rates(drop_path_rate, depth)  # linspace(0, rate, depth)
-        self.layers = nn.ModuleList(
-            ViTTMLayer(
-                embed_dim, num_heads, num_memory, num_process,
-                block=Block(
-                    embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
-                    attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                ),
-                read_head=rw_head if read_head is None else read_head,
-                write_head=rw_head if write_head is None else write_head,
-                read_arg="rw_head" if read_head is None else "read_head",
-                write_arg="rw_head" if write_head is None else "write_head",
-                fusion=fusion,
-                memory_block=memory_block,
+        with torch.device(device) if device is not None else nullcontext():  # every tensor made here goes there
+            # Streams: memory = Conv2d patches; process = the chosen embedder. Each gets its own position table.
+            self.memory_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=memory_ps, stride=memory_ps)
+            self.memory_grid = (img_size[0] // memory_ps, img_size[1] // memory_ps)
+            self.process_embed = PROCESS_EMBEDS.build(
+                process_embed, dim=embed_dim, in_chans=in_chans, img_size=img_size, memory_ps=memory_ps,
+                process_ps=process_ps, process_tokens=process_tokens,
             )
-            for i in range(depth)
-        )
-        self.process_norm = layer_norm(embed_dim)  # final norm of P; M is left as is (SPEC §2)
-        self.fc_norm, self.process_fc_norm = layer_norm(embed_dim), layer_norm(embed_dim)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head, self.process_head = self._new_heads(num_classes)
+            self.process_grid = tuple(self.process_embed.grid_size)
+            num_memory = self.memory_grid[0] * self.memory_grid[1]
+            num_process = self.process_grid[0] * self.process_grid[1]
+            self.memory_pos_embed = nn.Parameter(torch.zeros(1, num_memory, embed_dim))
+            self.process_pos_embed = nn.Parameter(torch.zeros(1, num_process, embed_dim))
+
+            dpr = calculate_drop_path_rates(drop_path_rate, depth)  # linspace(0, rate, depth)
+            self.layers = nn.ModuleList(
+                ViTTMLayer(
+                    embed_dim, num_heads, num_memory, num_process,
+                    block=Block(
+                        embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
+                        attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                    ),
+                    read_head=rw_head if read_head is None else read_head,
+                    write_head=rw_head if write_head is None else write_head,
+                    read_arg="rw_head" if read_head is None else "read_head",
+                    write_arg="rw_head" if write_head is None else "write_head",
+                    fusion=fusion,
+                    memory_block=memory_block,
+                )
+                for i in range(depth)
+            )
+            self.process_norm = layer_norm(embed_dim)  # final norm of P; M is left as is (SPEC §2)
+            self.fc_norm, self.process_fc_norm = layer_norm(embed_dim), layer_norm(embed_dim)
+            self.head_drop = nn.Dropout(drop_rate)
+            self.head, self.process_head = self._new_heads(num_classes)
         # Components whose weights depend on token counts tie the model to img_size (checked on every input).
         self.size_bound_parts = sorted({m.registry_name for m in self.modules() if getattr(m, "size_bound", False)})
+        self.patch_process = isinstance(self.process_embed, PatchProcessEmbed)  # the only one cut with process_ps
+        # Dense-feature taps (forward_intermediates): the finer stream's layers first, as timm's FeatureInfo wants
+        # reductions that never decrease.
+        reduction = {"memory": memory_ps, "process": img_size[0] // self.process_grid[0]}
+        self.tap_streams = tuple(sorted(STREAMS, key=lambda s: (reduction[s], s != "memory")))
+        self.tap_reductions = [reduction[s] for s in self.tap_streams]
+        self.feature_info = self._feature_info(depth)
         self.init_weights()
+        if dtype is not None:
+            self.to(dtype)
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _new_heads(self, num_classes: int) -> tuple[nn.Module, nn.Module]:
@@ -182,6 +207,10 @@ class ViTTM(nn.Module):
             return head
 
         return make(), make()
+
+    def _feature_info(self, depth: int) -> list[dict[str, Any]]:
+        return [dict(module=f"layers.{i}", num_chs=self.embed_dim, reduction=reduction, stream=stream)
+                for stream, reduction in zip(self.tap_streams, self.tap_reductions, strict=True) for i in range(depth)]
 
     def init_weights(self) -> None:
         """timm's ViT init (trunc-normal 0.02 Linear, zero bias; ``reset_parameters`` of other modules, which gives
@@ -229,50 +258,51 @@ class ViTTM(nn.Module):
         return self.process_head if self.eval_head == "process" else self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace both heads (zero-initialised) for ``num_classes`` classes; 0 removes them."""
-        if global_pool is not None and global_pool != "avg":
-            raise ValueError(f"global_pool={global_pool!r}: ViTTM pools by averaging tokens; only 'avg' is allowed")
+        """Replace both heads (zero-initialised, on the model's device and dtype) for ``num_classes`` classes; 0
+        removes them. ``global_pool``: ``avg`` or ``''`` (unpooled tokens); ``None`` keeps the current pooling."""
+        if global_pool is not None:
+            check_global_pool(global_pool)
+            self.global_pool = global_pool
         self.num_classes = num_classes
-        device = self.fc_norm.weight.device
-        self.head, self.process_head = (h.to(device) for h in self._new_heads(num_classes))
+        ref = self.memory_pos_embed
+        self.head, self.process_head = (
+            h.to(device=ref.device, dtype=ref.dtype).train(self.training) for h in self._new_heads(num_classes)
+        )
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str | Path) -> None:
+        """timm's hook for ``pretrained=True`` (the configs set ``custom_load``): any supported weight file, see
+        ``vittm.models.loading.load_weights``."""
+        from vittm.models.loading import load_weights  # loading imports this module
+
+        load_weights(self, checkpoint_path, key="pretrained_cfg.file")
 
     # -------------------------------------------------------------------------------------------- forward
-    def _check_input(self, x: torch.Tensor) -> None:
-        H, W = x.shape[-2:]
-        if self.size_bound_parts and (H, W) != self.img_size:
-            raise ValueError(
-                f"input size {H}x{W} differs from img_size={self.img_size[0]}x{self.img_size[1]}, and this model uses "
-                f"{self.size_bound_parts}, whose weights depend on the token counts; build the model with "
-                f"img_size={H if H == W else (H, W)} (allowed for them: only the size they were built for)"
-            )
-        sizes = {"memory_ps": self.memory_ps}
-        if hasattr(self.process_embed, "proj"):  # only a patch embedder cuts the image with process_ps
-            sizes["process_ps"] = self.process_ps
-        for key, ps in sizes.items():
-            if H % ps or W % ps:
-                raise ValueError(f"input size {H}x{W} is not divisible by {key}={ps}; use a multiple of {ps}")
-
-    def _add_pos(self, grid: torch.Tensor, table: torch.Tensor, built: tuple[int, int]) -> torch.Tensor:
-        B, h, w, D = grid.shape
-        if (h, w) != built:  # another input size: resample the table bicubically (no prefix tokens)
-            table = resample_abs_pos_embed(table, (h, w), old_size=built, num_prefix_tokens=0)
-        return grid.reshape(B, h * w, D) + table
+    def _grids(self, H: int, W: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(memory grid, process grid) of an H x W input."""
+        memory = (H // self.memory_ps, W // self.memory_ps)
+        if self.patch_process:
+            return memory, (H // self.process_ps, W // self.process_ps)
+        return memory, (self.process_grid[0], self.process_grid[1])
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image (B, C, H, W) -> memory (B, N_m, D) and process (B, N_p, D) tokens with positions."""
-        self._check_input(x)
+        H, W = x.shape[-2], x.shape[-1]
+        if not torch.jit.is_scripting():
+            sizes = {"memory_ps": self.memory_ps, "process_ps": self.process_ps} if self.patch_process else {
+                "memory_ps": self.memory_ps}
+            check_input_size(H, W, self.img_size, sizes, self.size_bound_parts)
         patches = patchify(x, self.memory_ps)  # (B, H/ps_m, W/ps_m, C·ps_m²)
-        m = embed_patches(self.memory_embed, patches)  # (B, H/ps_m, W/ps_m, D)
-        if isinstance(self.process_embed, PatchProcessEmbed) and self.process_ps == self.memory_ps:
-            p = embed_patches(self.process_embed.proj, patches)  # the same cut: share the patches
-        else:
-            p = self.process_embed(x, m)  # (B, h_p, w_p, D)
-        return self._add_pos(m, self.memory_pos_embed, self.memory_grid), self._add_pos(
-            p, self.process_pos_embed, self.process_grid
-        )
+        m = embed_patches(self.memory_embed.weight, self.memory_embed.bias, patches)  # (B, H/ps_m, W/ps_m, D)
+        p = self.process_embed(x, m, patches)  # (B, h_p, w_p, D)
+        B, hm, wm, D = m.shape
+        _, hp, wp, _ = p.shape
+        m = m.reshape(B, hm * wm, D) + grid_pos_table(self.memory_pos_embed, hm, wm, self.memory_grid)
+        p = p.reshape(B, hp * wp, D) + grid_pos_table(self.process_pos_embed, hp, wp, self.process_grid)
+        return m, p
 
-    def forward_features(self, x: torch.Tensor, write_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both streams after the last layer: memory (B, N_m, D) and normalised process (B, N_p, D).
+    def forward_features(self, x: torch.Tensor, write_last: bool = True) -> list[torch.Tensor]:
+        """Both streams after the last layer: ``[memory (B, N_m, D), normalised process (B, N_p, D)]``.
 
         ``write_last=False`` skips the last write (the memory returned is then stale); used when only the process
         head is evaluated.
@@ -281,25 +311,33 @@ class ViTTM(nn.Module):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             write = write_last or i < last
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                m, p = checkpoint(layer, m, p, write, use_reentrant=False)
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                m, p = checkpoint(layer, m, p, write, use_reentrant=False)  # recomputed in the backward pass
             else:
                 m, p = layer(m, p, write)
-        return m, self.process_norm(p)
+        return [m, self.process_norm(p)]
 
-    def pool(self, features: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean over tokens, then each head's LayerNorm: (B, D) for memory and for process."""
-        m, p = features
-        return self.head_drop(self.fc_norm(m.mean(dim=1))), self.head_drop(self.process_fc_norm(p.mean(dim=1)))
+    def pool(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean over tokens (``global_pool='avg'``; ``''`` keeps the tokens), then each head's LayerNorm."""
+        m, p = features[0], features[1]
+        if self.global_pool == "avg":
+            m, p = m.mean(dim=1), p.mean(dim=1)  # (B, D) each
+        return self.head_drop(self.fc_norm(m)), self.head_drop(self.process_fc_norm(p))
 
-    def forward_head(self, features: tuple[torch.Tensor, torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
-        """Logits of the ``eval_head`` (or its pooled features with ``pre_logits``); ``mean`` averages the two."""
+    def _combine(self, m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """``mean`` of the two heads: their average when pooled; unpooled, the token sets side by side."""
+        return (m + p) / 2 if self.global_pool == "avg" else torch.cat([m, p], dim=1)
+
+    def forward_head(self, features: list[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
+        """Logits (or, with ``pre_logits``, pooled features) of the ``eval_head`` in eval mode, of ``mean`` in
+        training mode (see the class docstring)."""
         m, p = self.pool(features)
-        if self.eval_head == "memory":
+        choice = "mean" if self.training else self._eval_head
+        if choice == "memory":
             return m if pre_logits else self.head(m)
-        if self.eval_head == "process":
+        if choice == "process":
             return p if pre_logits else self.process_head(p)
-        return (m + p) / 2 if pre_logits else (self.head(m) + self.process_head(p)) / 2
+        return self._combine(m, p) if pre_logits else self._combine(self.head(m), self.process_head(p))
 
     def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(memory logits, process logits), each (B, num_classes): what training uses (loss = sum of both)."""
@@ -307,36 +345,76 @@ class ViTTM(nn.Module):
         return self.head(m), self.process_head(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, num_classes) of the ``eval_head``."""
-        return self.forward_head(self.forward_features(x, write_last=self.eval_head != "process"))
+        """Logits (B, num_classes) of the ``eval_head`` (eval mode) or the mean of both heads (training mode)."""
+        only_process = not self.training and self._eval_head == "process"
+        return self.forward_head(self.forward_features(x, write_last=not only_process))
 
+    # ------------------------------------------------------------------------------------- dense features
+    @torch.jit.ignore
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Both streams of every layer as dense features, timm's signature for ViT-style models.
 
-def check_config(
-    img_size: tuple[int, int],
-    embed_dim: int,
-    num_heads: int,
-    memory_ps: int,
-    process_ps: int,
-    global_pool: str,
-    process_embed: Spec,
-    process_tokens: int | None,
-) -> None:
-    """Errors a user can make in the model's own arguments, raised before anything is built."""
-    for key, ps in (("memory_ps", memory_ps), ("process_ps", process_ps)):
-        if not isinstance(ps, int) or ps < 1:
-            raise ValueError(f"{key}={ps!r} must be a positive integer")
-        if img_size[0] % ps or img_size[1] % ps:
-            raise ValueError(
-                f"img_size={img_size[0]}x{img_size[1]} is not divisible by {key}={ps} "
-                f"(memory_ps={memory_ps}, process_ps={process_ps}); both patch sizes must divide the image size"
-            )
-    if embed_dim % num_heads:
-        raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
-    if global_pool != "avg":
-        raise ValueError(f"global_pool={global_pool!r}: ViTTM pools by averaging tokens; only 'avg' is allowed")
-    if process_tokens is not None and isinstance(process_embed, Mapping):
-        knob = process_embed.get("process_tokens")
-        if knob is not None and knob != process_tokens:
-            raise ValueError(
-                f"process_tokens={process_tokens} disagrees with process_embed.process_tokens={knob}; set one of them"
-            )
+        Each of the L layers has two taps, its memory output and its process output (as the next layer receives
+        them). ``feature_info`` lists the 2L taps, the finer stream's L layers first (timm wants reductions that never
+        decrease): with memory_ps <= process_ps, tap ``i`` is layer i's memory and tap ``L + i`` its process output;
+        each entry names its ``stream``. ``indices`` picks taps as timm does (an int n: the last n taps, i.e. the
+        coarser stream's last n layers; a list: those taps, negative from the end; None: all), returned in tap
+        order. ``output_fmt='NCHW'`` gives maps (B, D, h, w) on each stream's own grid (memory: H/memory_ps x
+        W/memory_ps; process: H/process_ps x W/process_ps for the patch embedder, the embedder's fixed grid
+        otherwise), ``'NLC'`` tokens (B, h·w, D). ``norm=True`` applies the final process norm to the process taps
+        (the memory stream has no final norm). ``stop_early`` runs no layer after the last tap. Returns the
+        intermediates, or (final features as ``forward_features`` gives them, at the stopping layer with
+        ``stop_early``; intermediates).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r}: choose 'NCHW' or 'NLC'")
+        depth = len(self.layers)
+        take, _ = feature_take_indices(2 * depth, indices)
+        wanted = {(self.tap_streams[t // depth], t % depth): t for t in take}
+        grids = dict(zip(STREAMS, self._grids(x.shape[-2], x.shape[-1]), strict=True))
+        stop = max(i for _, i in wanted) if stop_early else depth - 1
+        taps: dict[int, torch.Tensor] = {}
+        m, p = self.embed(x)
+        for i, layer in enumerate(self.layers[: stop + 1]):
+            m, p = checkpoint(layer, m, p, use_reentrant=False) if self.grad_checkpointing and \
+                torch.is_grad_enabled() else layer(m, p)
+            for stream, tokens in zip(STREAMS, (m, p), strict=True):
+                t = wanted.get((stream, i))
+                if t is None:
+                    continue
+                if stream == "process" and norm:
+                    tokens = self.process_norm(tokens)
+                if output_fmt == "NCHW":  # (B, N, D) -> (B, D, h, w)
+                    tokens = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grids[stream]).contiguous()
+                taps[t] = tokens
+        intermediates = [taps[t] for t in sorted(taps)]
+        if intermediates_only:
+            return intermediates
+        return [m, self.process_norm(p)], intermediates
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the layers after the last wanted tap (see ``forward_intermediates``), the final process norm
+        (``prune_norm``) and the classifiers with their pooled norms (``prune_head``: ``model(x)`` then returns
+        unpooled tokens). Returns the wanted taps' indices in the pruned model (``feature_info`` shrinks with it)."""
+        depth = len(self.layers)
+        take, _ = feature_take_indices(2 * depth, indices)
+        keep = 1 + max(t % depth for t in take)
+        self.layers = self.layers[:keep]
+        self.feature_info = self._feature_info(keep)
+        if prune_norm:
+            self.process_norm = nn.Identity()
+        if prune_head:
+            self.fc_norm, self.process_fc_norm = nn.Identity(), nn.Identity()
+            self.reset_classifier(0, "")
+        return [(t // depth) * keep + t % depth for t in take]

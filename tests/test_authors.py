@@ -1,0 +1,188 @@
+"""The authors' checkpoints (tests/data/authors: small models made with their own code, see its README) load exactly
+through every public path and reproduce the authors' logits; files that do not fit are refused with one line."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import vittm  # noqa: F401  (registers the models)
+from vittm.convert import convert
+from vittm.convert import main as convert_main
+from vittm.files import CheckpointError
+from vittm.lit import ViTTMModule
+from vittm.models import WeightsError, load_weights, read_state_dict
+
+DATA = Path(__file__).parent / "data" / "authors"
+FILES = sorted(p.name for p in DATA.glob("*.pt"))
+
+
+def fixture(name: str) -> dict:
+    return torch.load(DATA / name, weights_only=True)
+
+
+def our_kwargs(config: dict) -> dict:
+    """The authors' constructor arguments (their names) -> ours, for vittm_base (their factory "base")."""
+    rw = {"name": config["rw_head_type"]}
+    if "latent_size_scale" in config:
+        rw["latent_size_scale"] = config["latent_size_scale"]
+    return dict(
+        embed_dim=config["embed_dim"], depth=config["depth"], num_heads=config["num_heads"],
+        img_size=tuple(config["img_size"]), num_classes=config["num_classes"], memory_ps=config["memory_ps"],
+        process_ps=config["process_ps"], rw_head=rw, fusion=config["fusion_type"],
+        process_embed=config["process_embedder_type"], memory_block=config["memory_blocks"] or "none",
+    )
+
+
+def check_logits(model: torch.nn.Module, data: dict) -> None:
+    model.eval()
+    with torch.no_grad():
+        memory, process = model.forward_both(data["input"])
+    torch.testing.assert_close(memory, data["memory_logits"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(process, data["process_logits"], rtol=0, atol=1e-5)
+    model.double()
+    with torch.no_grad():
+        memory, process = model.forward_both(data["input"].double())
+    torch.testing.assert_close(memory, data["memory_logits_fp64"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(process, data["process_logits_fp64"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_timm_pretrained_file_reproduces_the_authors_logits(name):
+    data = fixture(name)
+    model = timm.create_model("vittm_base", pretrained=True, pretrained_cfg_overlay=dict(file=str(DATA / name)),
+                              **our_kwargs(data["config"]))
+    check_logits(model, data)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_converted_file_reproduces_the_authors_logits(name, tmp_path):
+    data = fixture(name)
+    out = tmp_path / "converted.safetensors"
+    lines = convert(DATA / name, out)
+    assert any(line.startswith("dropped 2: the ViT class token and position table") for line in lines), lines
+    converted = load_file(str(out))
+    assert not any(k.startswith(("cls_token", "pos_embed", "patch_embed", "module.")) for k in converted)
+    model = timm.create_model("vittm_base", **our_kwargs(data["config"]))
+    report = load_weights(model, out)
+    assert report.fmt == "vittm" and report.heads == "both heads kept (10 classes)"
+    check_logits(model, data)
+
+
+@pytest.mark.parametrize("name", ["lin_residual_ema.pt", "lin_add_erase.pt", "lin_residual_mlp.pt"])
+def test_finetune_start_keeps_the_authors_weights(name):
+    data = fixture(name)
+    model = {"name": "vittm_base", **our_kwargs(data["config"])}
+    module = ViTTMModule(model=model, optimizer=dict(opt="adamw", lr=1e-3),
+                         schedule=dict(name="cosine", warmup_steps=0), loss=dict(name="ce"))
+    report = module.load_pretrained(str(DATA / name))
+    assert report.fmt == "authors" and "both heads kept" in report.heads
+    check_logits(module.net, data)
+    for key, value in module.ema.module.state_dict().items():  # the EMA restarts from the loaded weights
+        torch.testing.assert_close(value.double(), module.net.state_dict()[key].double(), msg=key)
+
+
+def test_published_format_is_unwrapped_and_dead_tensors_counted():
+    weights = read_state_dict(DATA / "lin_residual_ema.pt")
+    assert weights.fmt == "authors"
+    assert weights.notes == ["the file's 'state_dict' entry", "DDP / AveragedModel prefix 'module.' removed",
+                             "torch.compile prefix '_orig_mod.' removed"]
+    assert weights.dropped == {"AveragedModel update count": ["n_averaged"]}
+    model = timm.create_model("vittm_base", **our_kwargs(fixture("lin_residual_ema.pt")["config"]))
+    report = load_weights(model, DATA / "lin_residual_ema.pt")
+    dropped = {why: len(keys) for why, keys in report.dropped.items()}
+    assert dropped == {
+        "AveragedModel update count": 1,
+        "the ViT class token and position table their ViTTM inherits and never uses": 2,
+        "the ViT patch embedding their ViTTM inherits and never uses": 2,
+        "the lin heads' output projection, built and never used (SPEC §4)": 8,  # 2 layers x read/write x w/b
+    }
+    assert len(report.loaded) == len(model.state_dict())  # every tensor of the model came from the file
+
+
+def test_shared_patch_embed_and_shared_gate():
+    report = load_weights(timm.create_model("vittm_base", **our_kwargs(fixture("lin_residual_ps16.pt")["config"])),
+                          DATA / "lin_residual_ps16.pt")
+    assert report.dropped["the same tensors as memory_embedder.proj.* (memory_ps 16: one module, two names)"] == [
+        "patch_embed.proj.weight", "patch_embed.proj.bias"]
+    model = timm.create_model("vittm_base", **our_kwargs(fixture("lin_add_erase.pt")["config"]))
+    report = load_weights(model, DATA / "lin_add_erase.pt")
+    assert "their one read add_erase gate copied into each of the 2 layers" in report.notes
+    torch.testing.assert_close(model.layers[0].write_fuse.gate.weight, model.layers[1].write_fuse.gate.weight)
+
+
+def test_heads_kept_or_replaced_each_with_its_message(caplog):
+    config = fixture("lin_residual.pt")["config"]
+    path = str(DATA / "lin_residual.pt")
+    with caplog.at_level(logging.INFO, logger="vittm.models.loading"):
+        same = timm.create_model("vittm_base", pretrained=True, pretrained_cfg_overlay=dict(file=path),
+                                 **our_kwargs(config))
+    assert "both heads kept (10 classes)" in caplog.text and same.head.weight.abs().sum() > 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vittm.models.loading"):
+        other = timm.create_model("vittm_base", pretrained=True, pretrained_cfg_overlay=dict(file=path),
+                                  **{**our_kwargs(config), "num_classes": 5})
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "both heads replaced by fresh zero heads for 5 classes (the file's are for 10 classes)" in record.message
+    assert other.head.weight.shape == (5, 48) and not other.head.weight.any() and not other.process_head.weight.any()
+    torch.testing.assert_close(other.layers[1].read.kv.weight, same.layers[1].read.kv.weight)  # the rest loaded
+
+
+def test_files_that_do_not_fit_are_refused(tmp_path):
+    config = our_kwargs(fixture("lin_residual.pt")["config"])
+
+    def create(path):
+        return timm.create_model("vittm_base", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **config)
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((DATA / "lin_residual.pt").read_bytes()[:100_000])
+    with pytest.raises(CheckpointError, match=r"not a readable checkpoint, truncated or corrupt"):
+        create(truncated)
+    foreign = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("resnet18", num_classes=10).state_dict(), foreign)
+    with pytest.raises(WeightsError, match=r"not a ViTTM state dict .* it holds e.g. \['bn1.bias'"):
+        create(foreign)
+    partial = dict(fixture("lin_residual.pt")["state_dict"])
+    del partial["blocks.1.mlp.fc2.weight"], partial["write_norm.0.bias"]
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(WeightsError, match=r"the file lacks \['layers.0.write_norm.bias', "
+                                           r"'layers.1.block.mlp.fc2.weight'\]; nothing was loaded"):
+        create(tmp_path / "partial.pth")
+    odd = {**fixture("lin_residual.pt")["state_dict"], "norm.weight": torch.ones(48)}
+    torch.save(odd, tmp_path / "odd.pth")
+    with pytest.raises(WeightsError, match=r"1 keys fit nothing in a ViTTM: \['norm.weight'\]"):
+        create(tmp_path / "odd.pth")
+    with pytest.raises(WeightsError, match=r"shapes differ \['layers.0.read.q.weight: \(12, 48\) in the file, "
+                                           r"\(24, 48\) in the model'"):
+        timm.create_model("vittm_base", pretrained=True, pretrained_cfg_overlay=dict(file=str(DATA / "lin_residual.pt")),
+                          **{**config, "rw_head": {"name": "lin", "latent_size_scale": 2}})
+    with pytest.raises(WeightsError, match=r"\(ViTTM with D 48, .*, ca or lca read heads with q width 48, 10 classes; "
+                                           r"the file: D 48, .*, lin read heads with q width 12, 10 classes\)"):
+        load_weights(timm.create_model("vittm_base", **{**config, "rw_head": "ca"}), DATA / "lin_residual.pt")
+
+
+def test_convert_command_refuses_to_overwrite(tmp_path, capsys):
+    src = tmp_path / "published_ema.pth"
+    shutil.copy(DATA / "lin_residual_ema.pt", src)
+    dst = tmp_path / "vittm.safetensors"
+    convert_main([str(src), str(dst)])
+    out = capsys.readouterr().out
+    assert "the authors' (EfficientTTMs) key names; the file's 'state_dict' entry; DDP / AveragedModel prefix" in out
+    assert "wrote" in out and ("(D 48, 2 layers, memory_ps 8, 3 input channels, process_ps 16, lin read heads with q "
+                               "width 12, 10 classes)") in out
+    assert "dropped 8: the lin heads' output projection" in out
+    before = dst.read_bytes()
+    with pytest.raises(SystemExit) as stop:
+        convert_main([str(src), str(dst)])
+    assert stop.value.code == 2 and dst.read_bytes() == before
+    assert f"error: DST='{dst}': exists; choose another name or pass --overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        convert_main([str(src), str(tmp_path / "out.pth")])
+    assert "must end in .safetensors" in capsys.readouterr().err
