@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.setup-stamp
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup run test test-all lint bench bench-data report clean
+.PHONY: setup run test test-all timm-contract lint bench bench-data report clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup.sh
@@ -20,6 +20,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -m "" $(ARGS)
+
+# timm's own model test-suite (tests/test_models.py of the pinned timm's sdist, fetched once) on every vittm_* model;
+# ARGS goes to pytest, e.g. ARGS='-k vittm_test -x'. Not part of `make test` (about 12 min on 2 cores).
+timm-contract: $(STAMP)
+	bash scripts/timm_contract.sh $(ARGS)
 
 # ViTTM vs ViT side by side (README "Performance"); ARGS adds Hydra overrides, e.g. ARGS='bench.modes=[train]'
 bench: $(STAMP)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import vittm  # noqa: F401  (registers the models)
 from vittm.convert import convert
 from vittm.convert import main as convert_main
+from vittm.errors import ConfigError
 from vittm.files import CheckpointError
 from vittm.lit import ViTTMModule
 from vittm.models import WeightsError, load_weights, read_state_dict
@@ -186,3 +187,34 @@ def test_convert_command_refuses_to_overwrite(tmp_path, capsys):
     with pytest.raises(SystemExit):
         convert_main([str(src), str(tmp_path / "out.pth")])
     assert "must end in .safetensors" in capsys.readouterr().err
+
+
+# The fixtures' model on top of the default (Fashion-MNIST) model config: D 48, 2 layers, 3 heads, 64 px, 8/16.
+AUTHORS_MODEL = ["model.name=vittm_base", "model.embed_dim=48", "model.depth=2", "model.num_heads=3",
+                 "model.mlp_ratio=4.0", "model.img_size=64", "model.memory_ps=8", "model.process_ps=16"]
+
+
+def test_run_eval_and_finetune_take_the_authors_files(tmp_path, capsys):
+    from helpers import compose_cfg, make_image_folder
+
+    from vittm.train import evaluate, train
+
+    folder = make_image_folder(tmp_path / "folder", ("train", "val"), [f"c{i}" for i in range(10)], per_class=2)
+    common = [*AUTHORS_MODEL, "data=imagefolder", f"data.root={folder}", "data.batch_size=4", "data.num_workers=0",
+              "logger=none", "trainer.enable_progress_bar=false", "trainer.num_sanity_val_steps=0"]
+    result = evaluate(compose_cfg(tmp_path / "eval", "mode=eval", f"ckpt_path={DATA / 'lin_residual_ema.pt'}",
+                                  *common))
+    err = capsys.readouterr().err
+    assert "ckpt_path: loaded" in err and "DDP / AveragedModel prefix 'module.' removed" in err
+    assert "both heads kept (10 classes)" in err
+    assert 0 <= result["final"]["val/memory_acc1"] <= 1 and not any(k.startswith("val_ema") for k in result["final"])
+    with pytest.raises(ConfigError, match=r"ckpt_path='.*lin_residual.pt': does not fit this model .* ca or lca"):
+        evaluate(compose_cfg(tmp_path / "eval2", "mode=eval", f"ckpt_path={DATA / 'lin_residual.pt'}", *common,
+                             "rw_head=ca"))
+    five = make_image_folder(tmp_path / "five", ("train", "val"), [f"c{i}" for i in range(5)], per_class=2)
+    with pytest.raises(ConfigError, match=r"its heads are for 10 classes but the model has 5; to start from it"):
+        evaluate(compose_cfg(tmp_path / "eval3", "mode=eval", f"ckpt_path={DATA / 'lin_residual.pt'}", *common,
+                             f"data.root={five}"))
+    result = train(compose_cfg(tmp_path / "ft", f"finetune.from_ckpt={DATA / 'lin_residual.pt'}", *common,
+                               "trainer.max_epochs=1", "checkpoint.save=false", "schedule.warmup_steps=1"))
+    assert "finetune.from_ckpt: loaded" in capsys.readouterr().err and result["steps"] > 0

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 import vittm  # noqa: F401
-from vittm.models import load_vit_checkpoint
+from vittm.files import CheckpointError
+from vittm.models import WeightsError, load_weights
 
 # A ViT with vittm_test's widths (D 32, 2 blocks, 2 heads, MLP ratio 2) and 16x16 patches on 32x32 images.
 VIT_ARGS = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, img_size=32, num_classes=10)
@@ -64,7 +65,9 @@ def test_load_vit_checkpoint_safetensors(vit_file, tmp_path):
     fresh = timm.create_model("vittm_test", num_classes=10)
     torch.manual_seed(5)
     model = timm.create_model("vittm_test", num_classes=10)
-    loaded = load_vit_checkpoint(model, path)
+    report = load_weights(model, path)
+    loaded = report.loaded
+    assert report.fmt == "timm-vit" and "start fresh" in report.heads
     assert "memory_embed.weight" in loaded and "layers.1.block.mlp.fc2.weight" in loaded
     assert not any(".read." in k or ".write." in k for k in loaded)
     check_transferred(model, vit_sd, fresh)
@@ -73,7 +76,7 @@ def test_load_vit_checkpoint_safetensors(vit_file, tmp_path):
 def test_channel_adaption_and_other_embedders(vit_file):
     _, path = vit_file
     gray = timm.create_model("vittm_test", in_chans=1, process_embed="latent", num_classes=10)
-    load_vit_checkpoint(gray, path)
+    load_weights(gray, path)
     assert gray.memory_embed.weight.shape == (32, 1, 4, 4)
     assert torch.isfinite(gray(torch.randn(2, 1, 32, 32))).all()
 
@@ -81,12 +84,12 @@ def test_channel_adaption_and_other_embedders(vit_file):
 def test_mismatched_or_missing_checkpoints(vit_file, tmp_path):
     _, path = vit_file
     with pytest.raises(ValueError, match="ViT checkpoint has 2 blocks of width 32 but the ViTTM has 3 layers"):
-        load_vit_checkpoint(timm.create_model("vittm_test", depth=3), path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_vit_checkpoint(timm.create_model("vittm_test"), tmp_path / "nope.pth")
+        load_weights(timm.create_model("vittm_test", depth=3), path)
+    with pytest.raises(CheckpointError, match="nope.pth': file does not exist"):
+        load_weights(timm.create_model("vittm_test"), tmp_path / "nope.pth")
     torch.save({"foo": torch.zeros(1)}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="neither a ViTTM nor a timm ViT state dict"):
-        load_vit_checkpoint(timm.create_model("vittm_test"), tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match=r"not a ViTTM state dict .* nor a timm ViT's .* it holds e.g. \['foo'\]"):
+        load_weights(timm.create_model("vittm_test"), tmp_path / "other.pth")
 
 
 def test_checkpoint_that_runs_code_is_refused(tmp_path):
@@ -96,8 +99,8 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"x": Payload()}, path)
-    with pytest.raises(Exception, match="(?i)weights_only|unsupported global|blocked"):
-        load_vit_checkpoint(timm.create_model("vittm_test"), path)
+    with pytest.raises(CheckpointError, match=r"refused: loading it would run code \(print\)"):
+        load_weights(timm.create_model("vittm_test"), path)
 
 
 def test_no_network_without_a_file():

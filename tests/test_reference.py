@@ -78,7 +78,7 @@ def ref_embed(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SPEC §1: the patch embeddings as the convolutions they are, plus the position tables (built size only)."""
     m = model.memory_embed(x).permute(0, 2, 3, 1)  # (B, h, w, D)
     proj = getattr(model.process_embed, "proj", None)
-    p = proj(x).permute(0, 2, 3, 1) if proj is not None else model.process_embed(x, m)
+    p = proj(x).permute(0, 2, 3, 1) if proj is not None else model.process_embed(x, m, None)
     return m.flatten(1, 2) + model.memory_pos_embed, p.flatten(1, 2) + model.process_pos_embed
 
 

@@ -31,7 +31,7 @@ from vittm.checkpoints import (
 )
 from vittm.data.bad_images import UnreadableImageError
 from vittm.lit import NonFiniteError, ViTTMModule
-from vittm.pretrained import read_weights
+from vittm.models import read_state_dict
 from vittm.train import evaluate, train, usr1_means_sigterm
 from vittm.validate import ConfigError
 
@@ -304,7 +304,7 @@ def test_safetensors_export_and_import(tmp_path):
     assert exported.read_bytes()[8:9] == b"{"  # a JSON header, no pickle
     state = load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
     ema = {k[len("ema.module."):]: v for k, v in state.items() if k.startswith("ema.module.")}
-    loaded = read_weights(exported)
+    loaded = read_state_dict(exported).state
     assert loaded.keys() == ema.keys() and all(torch.equal(loaded[k], v) for k, v in ema.items())
     result = train(compose_cfg(tmp_path / "ft", *TINY, f"finetune.from_ckpt={exported}", "checkpoint.save=false"))
     assert result["steps"] == 512 // 64

@@ -43,7 +43,8 @@ from vittm.checkpoints import (
 from vittm.data import ImageDataModule
 from vittm.flops import count_macs, count_params
 from vittm.lit import NonFiniteError, ViTTMModule, ema_state_dict
-from vittm.validate import ConfigError, check_checkpoint, check_data_size, checkpoint_hparams, validate
+from vittm.models import load_weights
+from vittm.validate import ConfigError, check_checkpoint, check_data_size, training_checkpoint, validate
 
 
 def plain(node: Any) -> Any:
@@ -240,7 +241,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         module = ViTTMModule(**module_kwargs(cfg, num_classes))
         if cfg.finetune.from_ckpt:
-            module.load_pretrained(cfg.finetune.from_ckpt)
+            print(f"finetune.from_ckpt: {module.load_pretrained(cfg.finetune.from_ckpt)}", file=sys.stderr)
     except ValueError as err:  # model arguments and pre-trained weights are user input too
         raise ConfigError(str(err)) from err
 
@@ -309,13 +310,29 @@ def fit(cfg: DictConfig, trainer: L.Trainer, module: ViTTMModule, datamodule: L.
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """``mode=eval ckpt_path=...``: top-1/top-5 of both heads, live and EMA, on the configured data's val split."""
+    """``mode=eval ckpt_path=...``: top-1/top-5 of both heads, live and EMA, on the configured data's val split.
+
+    A training checkpoint of this framework brings its own model config. Any other weight file (an exported
+    ``ema_weights.safetensors``, the authors' checkpoint, a converted one) is loaded, exactly, into the configured
+    model (``model=... rw_head=...``): one set of weights, so there are no separate EMA rows."""
     start = time.perf_counter()
     validate(cfg)
-    with open_dict(cfg):  # the checkpoint's own model config (its img_size also sets the eval transforms)
-        cfg.model = checkpoint_hparams(cfg.ckpt_path)["model"]
+    hparams = training_checkpoint(cfg.ckpt_path)
+    with open_dict(cfg):
+        if hparams is not None:  # the checkpoint's own model config (its img_size also sets the eval transforms)
+            cfg.model = hparams["model"]
+        else:
+            cfg.ema.enabled = False
     datamodule, num_classes = prepare(cfg)
-    module = ViTTMModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=True)
+    if hparams is not None:
+        module = ViTTMModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=True)
+    else:
+        try:
+            module = ViTTMModule(**module_kwargs(cfg, num_classes))
+            report = load_weights(module.net, cfg.ckpt_path, key="ckpt_path", heads="require")
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        print(f"ckpt_path: {report}", file=sys.stderr)
     trainer = build_trainer(cfg, [], [])
     trainer.validate(module, datamodule=datamodule, verbose=False)
     result = {"mode": "eval", "ckpt_path": str(cfg.ckpt_path), "final": final_metrics(trainer),

@@ -6,6 +6,7 @@ the value and what is allowed. ``run.py`` prints it without a traceback and exit
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -189,12 +190,24 @@ def check_data_size(cfg: DictConfig, train_images: int) -> None:
         )
 
 
-def checkpoint_hparams(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
-    """The hyper-parameters saved in a Lightning checkpoint (weights-only, memory-mapped: tensors are not read)."""
+def training_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any] | None:
+    """The hyper-parameters saved in a Lightning checkpoint of this framework (weights-only, memory-mapped: tensors
+    are not read), or None for a weights file (ours exported, the authors', a converted one, a timm state dict)."""
+    if Path(path).suffix == ".safetensors":
+        return None
     ckpt = load_checkpoint(path, key=key, mmap=True)
-    if "hyper_parameters" not in ckpt or "model" not in ckpt["hyper_parameters"]:
-        raise ConfigError(f"{key}={str(path)!r}: not a checkpoint of this framework (no saved model config)")
-    return ckpt["hyper_parameters"]
+    if isinstance(ckpt, Mapping) and "model" in (ckpt.get("hyper_parameters") or {}):
+        return ckpt["hyper_parameters"]
+    return None
+
+
+def checkpoint_hparams(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
+    """``training_checkpoint``'s hyper-parameters; a weights file raises, naming what to use instead."""
+    hparams = training_checkpoint(path, key)
+    if hparams is None:
+        raise ConfigError(f"{key}={str(path)!r}: a weights file, not a training checkpoint of this framework (no saved "
+                          f"training state or model config); to start from its weights use finetune.from_ckpt=...")
+    return hparams
 
 
 def check_checkpoint(cfg: DictConfig, num_classes: int) -> None:
@@ -206,6 +219,8 @@ def check_checkpoint(cfg: DictConfig, num_classes: int) -> None:
                           f"(model.num_classes=${{data.num_classes}})")
     if not cfg.ckpt_path:
         return
+    if cfg.mode == "eval" and training_checkpoint(cfg.ckpt_path) is None:
+        return  # a weights file: its heads are checked against the data's classes when it is loaded
     saved = checkpoint_hparams(cfg.ckpt_path)["model"]
     problems = []
     if saved["num_classes"] != num_classes:

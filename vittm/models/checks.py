@@ -2,7 +2,9 @@
 
 ``check_input_size`` and ``grid_pos_table`` run inside ``forward``; they are registered with timm as functions
 ``torch.fx`` must not trace into (their Python ``if`` on a tensor shape would stop the tracer), so a traced graph
-calls them as they are and still checks every input. TorchScript skips the first (``torch.jit.is_scripting()``).
+calls them as they are, and the checks are marked as having side effects, so that dead-code elimination keeps them
+although nothing uses their result: a traced graph still checks every input. TorchScript skips the checks
+(``torch.jit.is_scripting()``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Mapping
 
 import torch
 from timm.layers import register_notrace_function, resample_abs_pos_embed
+from torch.fx.node import has_side_effect
 
 from vittm.registry import Spec
 
@@ -18,6 +21,7 @@ GLOBAL_POOLS = ("avg", "")  # mean over tokens, or none (timm's way to ask for u
 
 
 @register_notrace_function
+@has_side_effect
 def check_input_size(H: int, W: int, img_size: tuple[int, int], patch_sizes: dict[str, int],
                      size_bound_parts: list[str]) -> None:
     """An input must be cut evenly by every patch size; size-bound parts only run at the size they were built for."""

@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 from timm.layers import register_notrace_function
 from torch import nn
+from torch.fx.node import has_side_effect
 
 from vittm.registry import FUSIONS
 
 
-@register_notrace_function  # torch.fx calls it as it is instead of tracing its shape test
+@register_notrace_function  # torch.fx calls it as it is instead of tracing its shape test,
+@has_side_effect  # and keeps the call although nothing uses its result
 def check_target_tokens(num_tokens: int, target: torch.Tensor) -> None:
     if target.shape[1] != num_tokens:
         raise ValueError(

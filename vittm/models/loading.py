@@ -34,6 +34,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models._manipulate import adapt_input_conv
 from torch import nn
 
+from vittm.errors import ConfigError
 from vittm.files import read_weight_file
 from vittm.models.authors import convert_authors_state_dict, is_authors_layout
 from vittm.models.from_vit import convert_vit_state_dict
@@ -56,7 +57,7 @@ HEAD_PARTS = {"lin": {"q", "kv"}, "ca or lca": {"q", "kv", "q_norm", "k_norm", "
               "dyna": {"norm", "compress", "generate", "proj"}}
 
 
-class WeightsError(ValueError):
+class WeightsError(ConfigError):
     """A weight file that does not fit: unknown format, missing or extra keys, shapes that differ."""
 
 

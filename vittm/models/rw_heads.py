@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Mlp, register_notrace_function
 from torch import nn
+from torch.fx.node import has_side_effect
 
 from vittm.registry import RW_HEADS
 
@@ -39,7 +40,8 @@ def check_heads(dim: int, num_heads: int, name: str) -> None:
         raise ValueError(f"rw_head {name!r}: D={dim} must be divisible by num_heads={num_heads}")
 
 
-@register_notrace_function  # torch.fx calls it as it is instead of tracing its shape test
+@register_notrace_function  # torch.fx calls it as it is instead of tracing its shape test,
+@has_side_effect  # and keeps the call although nothing uses its result
 def check_tokens(name: str, num_src: int, num_dst: int, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Heads whose weights depend on token counts only work at the resolution they were built for."""
     if src.shape[1] != num_src or dst.shape[1] != num_dst:
