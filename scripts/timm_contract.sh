@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # timm's own model test-suite (tests/test_models.py of the pinned timm's source release, unmodified) run on every
 # vittm_* entrypoint: `make timm-contract` (README "timm's model contract"). Fetches the sdist from the package
-# index once into .build/; extra pytest arguments are passed through (e.g. -x, -q, -k 'vittm_test').
+# index once into .build/; extra pytest arguments are passed through (e.g. -x, -q; to narrow the selection give the
+# whole of it, since a later -k replaces this one: -k "vittm and fx").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

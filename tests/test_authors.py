@@ -139,8 +139,9 @@ def test_heads_kept_or_replaced_each_with_its_message(caplog):
 def test_files_that_do_not_fit_are_refused(tmp_path):
     config = our_kwargs(fixture("lin_residual.pt")["config"])
 
-    def create(path):
-        return timm.create_model("vittm_base", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **config)
+    def create(path, **extra):
+        return timm.create_model("vittm_base", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                 **{**config, **extra})
 
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes((DATA / "lin_residual.pt").read_bytes()[:100_000])
@@ -162,8 +163,7 @@ def test_files_that_do_not_fit_are_refused(tmp_path):
         create(tmp_path / "odd.pth")
     with pytest.raises(WeightsError, match=r"shapes differ \['layers.0.read.q.weight: \(12, 48\) in the file, "
                                            r"\(24, 48\) in the model'"):
-        timm.create_model("vittm_base", pretrained=True, pretrained_cfg_overlay=dict(file=str(DATA / "lin_residual.pt")),
-                          **{**config, "rw_head": {"name": "lin", "latent_size_scale": 2}})
+        create(DATA / "lin_residual.pt", rw_head={"name": "lin", "latent_size_scale": 2})
     with pytest.raises(WeightsError, match=r"\(ViTTM with D 48, .*, ca or lca read heads with q width 48, 10 classes; "
                                            r"the file: D 48, .*, lin read heads with q width 12, 10 classes\)"):
         load_weights(timm.create_model("vittm_base", **{**config, "rw_head": "ca"}), DATA / "lin_residual.pt")
@@ -218,3 +218,17 @@ def test_run_eval_and_finetune_take_the_authors_files(tmp_path, capsys):
     result = train(compose_cfg(tmp_path / "ft", f"finetune.from_ckpt={DATA / 'lin_residual.pt'}", *common,
                                "trainer.max_epochs=1", "checkpoint.save=false", "schedule.warmup_steps=1"))
     assert "finetune.from_ckpt: loaded" in capsys.readouterr().err and result["steps"] > 0
+
+
+def test_a_lightning_checkpoint_of_the_authors_gives_its_ema_weights(tmp_path):
+    """Their train_lt.py saves Model(model) with an AveragedModel of the (compiled) model beside it."""
+    data = fixture("lin_residual.pt")
+    live = {f"model._orig_mod.{k}": torch.zeros_like(v) for k, v in data["state_dict"].items()}
+    ema = {f"ema_model.module._orig_mod.{k}": v for k, v in data["state_dict"].items()}
+    path = tmp_path / "epoch=299.ckpt"
+    torch.save({"state_dict": {**live, **ema, "ema_model.n_averaged": torch.tensor(5)}, "epoch": 299}, path)
+    model = timm.create_model("vittm_base", **our_kwargs(data["config"]))
+    report = load_weights(model, path)
+    assert "its EMA weights (ema_model.module.*), leaving out 84 other tensors" in report.notes
+    assert report.dropped["tensors beside the EMA weights"][0].startswith("model._orig_mod.")
+    check_logits(model, data)

@@ -139,6 +139,18 @@ def test_fx_trace_keeps_the_input_checks(kwargs):
             traced(torch.randn(1, 3, 30, 30))
 
 
+@pytest.mark.parametrize("kwargs", [{"rw_head": "tl", "fusion": "add_erase"}, {"rw_head": "dyna", "memory_block": "conv"},
+                                    {"read_head": "la", "write_head": "lca", "process_embed": "latent"}],
+                         ids=["tl-add_erase", "dyna-conv", "la-lca-latent"])
+def test_torchscript_of_every_component(kwargs):
+    model = tiny(**kwargs).eval()
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(X), model(X))
+        with pytest.raises(torch.jit.Error, match="input size 30x30"):  # the scripted model checks its input too
+            scripted(torch.randn(1, 3, 30, 30))
+
+
 def test_torchscript_and_export_round_trip(tmp_path):
     model = tiny().eval()
     with torch.no_grad():

@@ -32,7 +32,8 @@ def convert(src: str | Path, dst: str | Path, overwrite: bool = False) -> list[s
                                                "source_layout": weights.fmt})
     lines = [f"read {weights.source}: {FORMATS[weights.fmt]} key names" +
              "".join(f"; {note}" for note in weights.notes),
-             f"wrote {str(dst)!r}: {len(weights.state)} tensors in this framework's key names ({describe(weights.state)})"]
+             f"wrote {str(dst)!r}: {len(weights.state)} tensors in this framework's key names "
+             f"({describe(weights.state)})"]
     for why, keys in weights.dropped.items():
         lines.append(f"dropped {len(keys)}: {why}: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}")
     if not weights.dropped:

@@ -57,6 +57,7 @@ HEAD_KINDS: dict[str, tuple[frozenset[str], dict[str, str | None]]] = {
     "dyna": (frozenset({"out_proj", "compress", "generate", "norm"}),
              {"out_proj": "proj", "compress": "compress", "generate": "generate", "norm": "norm"}),
 }
+DEAD_PATCH_EMBED = "the ViT patch embedding their ViTTM inherits and never uses"
 DEAD_LIN_PROJ = "the lin heads' output projection, built and never used (SPEC §4)"
 
 
@@ -118,7 +119,7 @@ def _patch_embed(rest: dict[str, torch.Tensor], out: Converted) -> None:
             out.dropped["the same tensors as memory_embedder.proj.* (memory_ps 16: one module, two names)"].append(
                 f"patch_embed.proj.{part}")
         else:
-            out.dropped["the ViT patch embedding their ViTTM inherits and never uses"].append(f"patch_embed.proj.{part}")
+            out.dropped[DEAD_PATCH_EMBED].append(f"patch_embed.proj.{part}")
 
 
 def _head(rest: dict[str, torch.Tensor], out: Converted, direction: str, i: int) -> None:

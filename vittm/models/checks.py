@@ -3,8 +3,8 @@
 ``check_input_size`` and ``grid_pos_table`` run inside ``forward``; they are registered with timm as functions
 ``torch.fx`` must not trace into (their Python ``if`` on a tensor shape would stop the tracer), so a traced graph
 calls them as they are, and the checks are marked as having side effects, so that dead-code elimination keeps them
-although nothing uses their result: a traced graph still checks every input. TorchScript skips the checks
-(``torch.jit.is_scripting()``).
+although nothing uses their result: a traced graph still checks every input. TorchScript compiles them too (hence
+their plain types and formatting), so a scripted model checks its inputs as well.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ GLOBAL_POOLS = ("avg", "")  # mean over tokens, or none (timm's way to ask for u
 def check_input_size(H: int, W: int, img_size: tuple[int, int], patch_sizes: dict[str, int],
                      size_bound_parts: list[str]) -> None:
     """An input must be cut evenly by every patch size; size-bound parts only run at the size they were built for."""
-    if size_bound_parts and (H, W) != tuple(img_size):
+    if len(size_bound_parts) > 0 and (H != img_size[0] or W != img_size[1]):
+        size = str(H) if H == W else "(" + str(H) + ", " + str(W) + ")"  # (written so that TorchScript compiles it)
         raise ValueError(
             f"input size {H}x{W} differs from img_size={img_size[0]}x{img_size[1]}, and this model uses "
             f"{size_bound_parts}, whose weights depend on the token counts; build the model with "
-            f"img_size={H if H == W else (H, W)} (allowed for them: only the size they were built for)"
+            f"img_size={size} (allowed for them: only the size they were built for)"
         )
     for key, ps in patch_sizes.items():
         if H % ps or W % ps:

@@ -55,7 +55,6 @@ class AddEraseFusion(nn.Module):
         self.gate = nn.Linear(dim, num_tokens)
 
     def forward(self, rw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            check_target_tokens(self.num_tokens, target)
+        check_target_tokens(self.num_tokens, target)
         g = torch.sigmoid(self.gate(rw.mean(dim=1))).unsqueeze(-1)  # (B, N_target, 1)
         return torch.lerp(target, rw, g)  # (1 - g) * target + g * rw

@@ -163,8 +163,8 @@ def to_vittm_layout(weights: Weights, key: str = "file") -> Weights:
         weights.notes += converted.notes
         weights.dropped.update(converted.dropped)
     elif weights.fmt != "vittm":
-        raise WeightsError(f"{key}={weights.source}: a timm ViT's weights, not a ViTTM's; to start a ViTTM from "
-                           f"them load them into a model (pretrained_cfg_overlay=dict(file=...) or finetune.from_ckpt=)")
+        raise WeightsError(f"{key}={weights.source}: a timm ViT's weights, not a ViTTM's; to start a ViTTM from them, "
+                           f"load them into one (pretrained_cfg_overlay=dict(file=...) or finetune.from_ckpt=...)")
     return weights
 
 

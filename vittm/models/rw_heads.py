@@ -46,7 +46,7 @@ def check_tokens(name: str, num_src: int, num_dst: int, src: torch.Tensor, dst: 
     """Heads whose weights depend on token counts only work at the resolution they were built for."""
     if src.shape[1] != num_src or dst.shape[1] != num_dst:
         raise ValueError(
-            f"rw_head {name!r} was built for {num_src} source and {num_dst} destination tokens but got "
+            f"rw_head '{name}' was built for {num_src} source and {num_dst} destination tokens but got "
             f"{src.shape[1]} and {dst.shape[1]}: its weights depend on the token counts, so it only runs at the "
             f"img_size it was built for (build the model with the new img_size instead)"
         )
@@ -161,6 +161,7 @@ class TokenLearnerHead(nn.Module):
     """TokenLearner over src ∪ dst: M learned softmax poolings of the N+M concatenated tokens."""
 
     size_bound = True  # weights depend on N and M
+    __constants__ = ["registry_name"]  # (for TorchScript, which reads no other class attribute)
 
     def __init__(self, dim: int, num_src: int, num_dst: int) -> None:
         super().__init__()
@@ -169,8 +170,7 @@ class TokenLearnerHead(nn.Module):
         self.mlp = Mlp(dim, num_dst, num_dst, act_layer=nn.GELU)  # D -> M -> M
 
     def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            check_tokens(self.registry_name, self.num_src, self.num_dst, src, dst)
+        check_tokens(self.registry_name, self.num_src, self.num_dst, src, dst)
         z = torch.cat([src, dst], dim=1)  # (B, N+M, D)
         attn = self.mlp(self.norm(z)).transpose(1, 2).softmax(dim=-1)  # (B, M, N+M)
         return attn @ z
@@ -185,6 +185,7 @@ class DynaMixerHead(nn.Module):
     """
 
     size_bound = True  # weights depend on N and M
+    __constants__ = ["registry_name"]  # (for TorchScript, which reads no other class attribute)
 
     def __init__(self, dim: int, num_heads: int, num_src: int, num_dst: int, reduced_dim: int = 2) -> None:
         super().__init__()
@@ -200,8 +201,7 @@ class DynaMixerHead(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            check_tokens(self.registry_name, self.num_src, self.num_dst, src, dst)
+        check_tokens(self.registry_name, self.num_src, self.num_dst, src, dst)
         z = self.norm(torch.cat([src, dst], dim=1))  # (B, L, D)
         B, L, D = z.shape
         M, h = self.num_dst, self.num_heads

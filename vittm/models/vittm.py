@@ -109,6 +109,7 @@ class ViTTM(nn.Module):
     """
 
     __jit_unused_properties__ = ["eval_head"]  # TorchScript reads the validated _eval_head
+    size_bound_parts: list[str]  # typed here: TorchScript cannot infer the type of an empty list
 
     def __init__(
         self,
@@ -288,10 +289,10 @@ class ViTTM(nn.Module):
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image (B, C, H, W) -> memory (B, N_m, D) and process (B, N_p, D) tokens with positions."""
         H, W = x.shape[-2], x.shape[-1]
-        if not torch.jit.is_scripting():
-            sizes = {"memory_ps": self.memory_ps, "process_ps": self.process_ps} if self.patch_process else {
-                "memory_ps": self.memory_ps}
-            check_input_size(H, W, self.img_size, sizes, self.size_bound_parts)
+        sizes = {"memory_ps": self.memory_ps}
+        if self.patch_process:  # only the patch embedder cuts the image with process_ps
+            sizes["process_ps"] = self.process_ps
+        check_input_size(H, W, self.img_size, sizes, self.size_bound_parts)
         patches = patchify(x, self.memory_ps)  # (B, H/ps_m, W/ps_m, C·ps_m²)
         m = embed_patches(self.memory_embed.weight, self.memory_embed.bias, patches)  # (B, H/ps_m, W/ps_m, D)
         p = self.process_embed(x, m, patches)  # (B, h_p, w_p, D)
