@@ -139,9 +139,10 @@ def test_fx_trace_keeps_the_input_checks(kwargs):
             traced(torch.randn(1, 3, 30, 30))
 
 
-@pytest.mark.parametrize("kwargs", [{"rw_head": "tl", "fusion": "add_erase"}, {"rw_head": "dyna", "memory_block": "conv"},
-                                    {"read_head": "la", "write_head": "lca", "process_embed": "latent"}],
-                         ids=["tl-add_erase", "dyna-conv", "la-lca-latent"])
+@pytest.mark.parametrize("kwargs", [
+    {"rw_head": "tl", "fusion": "add_erase"}, {"rw_head": "dyna", "memory_block": "conv"},
+    {"read_head": "la", "write_head": "lca", "process_embed": "latent"},
+], ids=["tl-add_erase", "dyna-conv", "la-lca-latent"])
 def test_torchscript_of_every_component(kwargs):
     model = tiny(**kwargs).eval()
     scripted = torch.jit.script(model)
