@@ -215,6 +215,9 @@ def test_run_eval_and_finetune_take_the_authors_files(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"its heads are for 10 classes but the model has 5; to start from it"):
         evaluate(compose_cfg(tmp_path / "eval3", "mode=eval", f"ckpt_path={DATA / 'lin_residual.pt'}", *common,
                              f"data.root={five}"))
+    with pytest.raises(ConfigError, match=r"resume='.*lin_residual.pt': a weights file, not a training checkpoint .*"
+                                          r"to start from its weights use finetune.from_ckpt="):
+        train(compose_cfg(tmp_path / "resume", f"resume={DATA / 'lin_residual.pt'}", *common))
     result = train(compose_cfg(tmp_path / "ft", f"finetune.from_ckpt={DATA / 'lin_residual.pt'}", *common,
                                "trainer.max_epochs=1", "checkpoint.save=false", "schedule.warmup_steps=1"))
     assert "finetune.from_ckpt: loaded" in capsys.readouterr().err and result["steps"] > 0

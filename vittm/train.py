@@ -205,7 +205,11 @@ def resolve_resume(cfg: DictConfig) -> None:
         return
     path: Any = cfg.resume
     if path != "auto":
-        load_checkpoint(path, key="resume", mmap=True, verify=True)  # refused here, under its own key, if bad
+        if Path(path).suffix != ".safetensors":
+            load_checkpoint(path, key="resume", mmap=True, verify=True)  # refused here, under its own key, if bad
+        if training_checkpoint(path, key="resume") is None:
+            raise ConfigError(f"resume={str(path)!r}: a weights file, not a training checkpoint of this framework (no "
+                              f"training state to continue); to start from its weights use finetune.from_ckpt=...")
     else:
         path = find_resume(cfg.output_dir)
         if path is None and candidates(Path(cfg.output_dir)):

@@ -180,6 +180,7 @@ def load_weights(
     if isinstance(model, ViTTM):
         weights = to_vittm_layout(weights, key)
     own = model.state_dict()
+    in_file = describe(weights.state)  # before any adapting, for the error message
     state, heads_note, replaced = fit_heads(model, weights, own, key, heads)
     notes = weights.notes + fit_shapes(model, state, own)
     problems = []
@@ -193,7 +194,7 @@ def load_weights(
     if problems:
         raise WeightsError(
             f"{key}={weights.source}: does not fit this model ({type(model).__name__} with {describe(own)}; the file: "
-            f"{describe(state)}): {'; '.join(problems)}; nothing was loaded"
+            f"{in_file}): {'; '.join(problems)}; nothing was loaded"
         )
     model.load_state_dict({**own, **state}, strict=True)
     report = WeightsReport(weights.source, weights.fmt, sorted(state), notes, weights.dropped, heads_note, replaced)
