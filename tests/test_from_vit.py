@@ -108,3 +108,15 @@ def test_no_network_without_a_file():
     with pytest.raises(RuntimeError, match="No pretrained weights exist for vittm_base"):
         timm.create_model("vittm_base", pretrained=True)
     assert time.perf_counter() - start < 10
+
+
+def test_a_baseline_takes_its_own_layout(vit_file):
+    vit_sd, path = vit_file
+    same = timm.create_model("vit_tiny_patch16_224", **VIT_ARGS)
+    assert load_weights(same, path).heads == "the head kept (10 classes)"
+    torch.testing.assert_close(same.state_dict()["blocks.1.mlp.fc2.weight"], vit_sd["blocks.1.mlp.fc2.weight"])
+    other = timm.create_model("vit_tiny_patch16_224", **{**VIT_ARGS, "num_classes": 3})
+    report = load_weights(other, path)
+    assert report.heads == "the head replaced by a fresh head for 3 classes (the file's are for 10 classes)"
+    with pytest.raises(WeightsError, match=r"does not fit this model \(VisionTransformer .* shapes differ"):
+        load_weights(timm.create_model("vit_tiny_patch16_224", **{**VIT_ARGS, "embed_dim": 64}), path)

@@ -220,8 +220,9 @@ def fit_heads(model: nn.Module, weights: Weights, own: Mapping[str, torch.Tensor
     state = weights.state
     theirs = state["head.weight"].shape[0] if "head.weight" in state else None
     ours = own["head.weight"].shape[0] if "head.weight" in own else 0
+    heads, fresh = ("both heads", "fresh zero heads") if isinstance(model, ViTTM) else ("the head", "a fresh head")
     if theirs == ours and ours:
-        return state, f"both heads kept ({ours} classes)", False
+        return state, f"{heads} kept ({ours} classes)", False
     if policy == "require" and ours:
         why = f"its heads are for {theirs} classes" if theirs else "it has no classifier heads"
         raise WeightsError(f"{key}={weights.source}: {why} but the model has {ours}; to start from it on other "
@@ -230,7 +231,7 @@ def fit_heads(model: nn.Module, weights: Weights, own: Mapping[str, torch.Tensor
     if not ours:
         return without, "no classifier heads (num_classes=0)" + (", the file's left out" if theirs else ""), False
     why = f"the file's are for {theirs} classes" if theirs else "the file has none"
-    return without, f"both heads replaced by fresh zero heads for {ours} classes ({why})", True
+    return without, f"{heads} replaced by {fresh} for {ours} classes ({why})", True
 
 
 def fit_shapes(model: nn.Module, state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> list[str]:
