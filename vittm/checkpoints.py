@@ -25,7 +25,6 @@ from vittm.files import (  # noqa: F401  (re-exported: the training code's file 
     atomic_write,
     load_checkpoint,
     save_weights,
-    temp_name,
 )
 
 
