@@ -37,7 +37,6 @@ from vittm.checkpoints import (
     CheckpointError,
     candidates,
     find_resume,
-    load_checkpoint,
     save_weights,
 )
 from vittm.data import ImageDataModule
@@ -205,9 +204,7 @@ def resolve_resume(cfg: DictConfig) -> None:
         return
     path: Any = cfg.resume
     if path != "auto":
-        if Path(path).suffix != ".safetensors":
-            load_checkpoint(path, key="resume", mmap=True, verify=True)  # refused here, under its own key, if bad
-        if training_checkpoint(path, key="resume") is None:
+        if training_checkpoint(path, key="resume", verify=True) is None:  # a bad file is refused here, as resume
             raise ConfigError(f"resume={str(path)!r}: a weights file, not a training checkpoint of this framework (no "
                               f"training state to continue); to start from its weights use finetune.from_ckpt=...")
     else:

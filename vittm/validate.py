@@ -190,24 +190,16 @@ def check_data_size(cfg: DictConfig, train_images: int) -> None:
         )
 
 
-def training_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any] | None:
+def training_checkpoint(path: str | Path, key: str = "ckpt_path", verify: bool = False) -> dict[str, Any] | None:
     """The hyper-parameters saved in a Lightning checkpoint of this framework (weights-only, memory-mapped: tensors
-    are not read), or None for a weights file (ours exported, the authors', a converted one, a timm state dict)."""
+    are not read; ``verify``: CRC of every record first), or None for a weights file (ours exported, the authors', a
+    converted one, a timm state dict)."""
     if Path(path).suffix == ".safetensors":
         return None
-    ckpt = load_checkpoint(path, key=key, mmap=True)
+    ckpt = load_checkpoint(path, key=key, mmap=True, verify=verify)
     if isinstance(ckpt, Mapping) and "model" in (ckpt.get("hyper_parameters") or {}):
         return ckpt["hyper_parameters"]
     return None
-
-
-def checkpoint_hparams(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
-    """``training_checkpoint``'s hyper-parameters; a weights file raises, naming what to use instead."""
-    hparams = training_checkpoint(path, key)
-    if hparams is None:
-        raise ConfigError(f"{key}={str(path)!r}: a weights file, not a training checkpoint of this framework (no saved "
-                          f"training state or model config); to start from its weights use finetune.from_ckpt=...")
-    return hparams
 
 
 def check_checkpoint(cfg: DictConfig, num_classes: int) -> None:
@@ -219,9 +211,14 @@ def check_checkpoint(cfg: DictConfig, num_classes: int) -> None:
                           f"(model.num_classes=${{data.num_classes}})")
     if not cfg.ckpt_path:
         return
-    if cfg.mode == "eval" and training_checkpoint(cfg.ckpt_path) is None:
-        return  # a weights file: its heads are checked against the data's classes when it is loaded
-    saved = checkpoint_hparams(cfg.ckpt_path)["model"]
+    hparams = training_checkpoint(cfg.ckpt_path)
+    if hparams is None:
+        if cfg.mode == "eval":
+            return  # a weights file: its heads are checked against the data's classes when it is loaded
+        raise ConfigError(f"ckpt_path={str(cfg.ckpt_path)!r}: a weights file, not a training checkpoint of this "
+                          f"framework (no saved training state or model config); to start from its weights use "
+                          f"finetune.from_ckpt=...")
+    saved = hparams["model"]
     problems = []
     if saved["num_classes"] != num_classes:
         problems.append(

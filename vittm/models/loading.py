@@ -82,7 +82,6 @@ class WeightsReport:
     notes: list[str]
     dropped: dict[str, list[str]]
     heads: str
-    heads_replaced: bool = False
 
     def __str__(self) -> str:
         parts = [f"loaded {len(self.loaded)} tensors from {self.source} ({FORMATS[self.fmt]} key names)"]
@@ -197,7 +196,7 @@ def load_weights(
             f"{in_file}): {'; '.join(problems)}; nothing was loaded"
         )
     model.load_state_dict({**own, **state}, strict=True)
-    report = WeightsReport(weights.source, weights.fmt, sorted(state), notes, weights.dropped, heads_note, replaced)
+    report = WeightsReport(weights.source, weights.fmt, sorted(state), notes, weights.dropped, heads_note)
     (_logger.warning if replaced else _logger.info)("%s: %s", key, report)
     return report
 
