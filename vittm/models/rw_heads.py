@@ -1,8 +1,10 @@
 """Read/write heads of ViTTM (SPEC §4): move information from a source stream into a destination stream.
 
 Every head maps ``src (B, N, D)`` and ``dst (B, M, D)`` to an output shaped like ``dst``: ``(B, M, D)``.
-A read is ``head(src=memory, dst=process)``, a write ``head(src=process, dst=memory)``. No head adds its own
-residual: the fusion (fusion.py) combines the output with the target stream.
+A read is ``head(src=memory, dst=process)``, a write ``head(src=process, dst=memory)``. The fusion (fusion.py)
+combines the output with the target stream; with the ``residual`` fusion the layer calls
+``head(src, dst, residual=True)`` instead, which returns ``dst + head(src, dst)`` (same maths; ``lin`` does the add
+inside its last kernel). A head of your own gets that call only if its ``forward`` takes ``residual``.
 
 The model passes the dims it owns (``dim``, ``num_heads``, ``num_src``, ``num_dst``); everything else in a
 constructor is a knob a config may set (``latent_size_scale``, ``reduced_dim``, ...).
@@ -19,6 +21,9 @@ from timm.layers import Mlp, register_notrace_function
 from torch import nn
 from torch.fx.node import has_side_effect
 
+from vittm.models.linear_attention import LinearAttention, fused_applies
+from vittm.models.linear_attention import kernels as linear_attention_kernels
+from vittm.models.linear_attention import reference as linear_attention_reference
 from vittm.registry import RW_HEADS
 
 
@@ -52,6 +57,24 @@ def check_tokens(name: str, num_src: int, num_dst: int, src: torch.Tensor, dst: 
         )
 
 
+@register_notrace_function  # torch.fx keeps the call as one node (its eager path is an autograd Function)
+def linear_attention(src: torch.Tensor, dst: torch.Tensor, residual: bool, q_w: torch.Tensor, q_b: torch.Tensor,
+                     kv_w: torch.Tensor, kv_b: torch.Tensor, consts: torch.Tensor, num_heads: int,
+                     eps: float) -> torch.Tensor:
+    if torch.jit.is_scripting():
+        return linear_attention_reference(src, dst, residual, q_w, q_b, kv_w, kv_b, num_heads, eps)
+    return eager_linear_attention(src, dst, residual, q_w, q_b, kv_w, kv_b, consts, num_heads, eps)
+
+
+@torch.jit.unused  # eager only (TorchScript takes the branch above)
+def eager_linear_attention(src: torch.Tensor, dst: torch.Tensor, residual: bool, q_w: torch.Tensor,
+                           q_b: torch.Tensor, kv_w: torch.Tensor, kv_b: torch.Tensor, consts: torch.Tensor,
+                           num_heads: int, eps: float) -> torch.Tensor:
+    if fused_applies(src, dst, q_w, q_b, kv_w, kv_b, consts):
+        return LinearAttention.apply(src, dst, q_w, q_b, kv_w, kv_b, consts, residual, num_heads)
+    return linear_attention_reference(src, dst, residual, q_w, q_b, kv_w, kv_b, num_heads, eps)
+
+
 @RW_HEADS.register("lin")
 class LinearAttentionHead(nn.Module):
     """Linear attention (Katharopoulos et al. 2020), φ(x) = elu(x) + 1; linear in N and M. The published head.
@@ -60,7 +83,8 @@ class LinearAttentionHead(nn.Module):
     k and v share their input, so they come from one fused projection (same maths as two Linear layers). The
     contraction runs in the linear order (Σ_n k_nᵀ v_n first: (N + M)·c·D/h multiply-adds rather than N·M·(c + D)/h
     for (q kᵀ) v), as two batched matmuls over (batch × heads); a ones column appended to v makes the first one
-    also produce Σ_n k_n, so numerator and denominator come out of the second one together.
+    also produce Σ_n k_n, so numerator and denominator come out of the second one together. The computation
+    itself is ``vittm.models.linear_attention`` (forward and backward written for the fewest kernels).
     """
 
     def __init__(self, dim: int, num_heads: int, latent_size_scale: int = 4, eps: float = 1e-6) -> None:
@@ -70,23 +94,20 @@ class LinearAttentionHead(nn.Module):
         self.num_heads, self.eps = num_heads, eps
         self.q = nn.Linear(dim, self.c)
         self.kv = nn.Linear(dim, self.c + dim)  # [W_k | W_v]
+        # [0, ..., 0, eps, 1]: the bias of [num | den] and the ones column of [v | 1] (not part of the weights)
+        consts = torch.zeros(dim // num_heads + 2)
+        consts[-2:] = torch.tensor([eps, 1.0])
+        self.register_buffer("consts", consts, persistent=False)
 
-    def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-        B, N, D = src.shape
-        M, h, c = dst.shape[1], self.num_heads, self.c
-        ch, dh = c // h, D // h
-        # in-place "+ 1": elu's backward needs its input, not its output, so autograd allows it
-        q = F.elu(self.q(dst)).add_(1)  # φ(q): (B, M, c)
-        kv = self.kv(src)  # (B, N, c + D)
-        k = F.elu(kv[..., :c]).add_(1)  # φ(k): (B, N, c)
-        k_t = k.view(B, N, h, ch).permute(0, 2, 3, 1).reshape(B * h, ch, N)
-        ones = kv.new_ones(()).expand(B, h, N, 1)
-        v1 = torch.cat([kv[..., c:].view(B, N, h, dh).transpose(1, 2), ones], dim=-1)  # [v | 1]: (B, h, N, D/h + 1)
-        state = torch.bmm(k_t, v1.view(B * h, N, dh + 1))  # [Σ kᵀv | Σ k]: (B·h, c/h, D/h + 1)
-        q_h = q.view(B, M, h, ch).transpose(1, 2).reshape(B * h, M, ch)
-        out = torch.bmm(q_h, state)  # [numerator | denominator]: (B·h, M, D/h + 1)
-        out = out[..., :dh] / out[..., dh:].add_(self.eps)  # bmm's backward needs its inputs only
-        return out.view(B, h, M, dh).transpose(1, 2).reshape(B, M, D)
+    @torch.jit.unused
+    def add_into(self, src: torch.Tensor, dst: torch.Tensor, out: torch.Tensor) -> None:
+        """dst + head(src, dst) written into ``out`` (B, M, D), which may be ``dst`` itself (inference only)."""
+        linear_attention_kernels(src, dst, self.q.weight, self.q.bias, self.kv.weight, self.kv.bias, self.consts,
+                                 True, self.num_heads, out=out)
+
+    def forward(self, src: torch.Tensor, dst: torch.Tensor, residual: bool = False) -> torch.Tensor:
+        return linear_attention(src, dst, residual, self.q.weight, self.q.bias, self.kv.weight, self.kv.bias,
+                                self.consts, self.num_heads, self.eps)
 
 
 @RW_HEADS.register("ca")
@@ -102,7 +123,7 @@ class CrossAttentionHead(nn.Module):
         self.q_norm, self.k_norm, self.v_norm = (nn.LayerNorm(dim) for _ in range(3))
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, dst: torch.Tensor, residual: bool = False) -> torch.Tensor:
         B, N, D = src.shape
         M, h = dst.shape[1], self.num_heads
         k, v = self.kv(src).chunk(2, dim=-1)
@@ -110,7 +131,8 @@ class CrossAttentionHead(nn.Module):
         k = self.k_norm(k).view(B, N, h, -1).transpose(1, 2)  # (B, h, N, D/h)
         v = self.v_norm(v).view(B, N, h, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)  # default scale (D/h)^-1/2
-        return self.proj(out.transpose(1, 2).reshape(B, M, D))
+        out = self.proj(out.transpose(1, 2).reshape(B, M, D))
+        return dst + out if residual else out
 
 
 @RW_HEADS.register("lca")
@@ -128,7 +150,7 @@ class LatentCrossAttentionHead(nn.Module):
         self.v_norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, dst: torch.Tensor, residual: bool = False) -> torch.Tensor:
         B, N, D = src.shape
         M, h = dst.shape[1], self.num_heads
         k, v = self.kv(src).split([self.c, D], dim=-1)
@@ -136,7 +158,8 @@ class LatentCrossAttentionHead(nn.Module):
         k = self.k_norm(k).view(B, N, h, -1).transpose(1, 2).softmax(dim=2)  # over the N tokens
         v = self.v_norm(v).view(B, N, h, -1).transpose(1, 2)  # (B, h, N, D/h)
         out = q @ (k.transpose(-2, -1) @ v)  # (B, h, M, c/h) @ (B, h, c/h, D/h)
-        return self.proj(out.transpose(1, 2).reshape(B, M, D))
+        out = self.proj(out.transpose(1, 2).reshape(B, M, D))
+        return dst + out if residual else out
 
 
 @RW_HEADS.register("la")
@@ -150,10 +173,11 @@ class LatentAttentionHead(nn.Module):
         self.q_mlp = Mlp(dim, hidden_dim, c, act_layer=nn.GELU)
         self.k_mlp = Mlp(dim, hidden_dim, c, act_layer=nn.GELU)
 
-    def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, dst: torch.Tensor, residual: bool = False) -> torch.Tensor:
         a_dst = self.q_mlp(self.q_norm(dst)).softmax(dim=-1)  # (B, M, c)
         a_src = self.k_mlp(self.k_norm(src)).transpose(1, 2).softmax(dim=-1)  # (B, c, N), softmax over tokens
-        return a_dst @ (a_src @ src)  # values are the raw src tokens: (B, M, c) @ (B, c, D)
+        out = a_dst @ (a_src @ src)  # values are the raw src tokens: (B, M, c) @ (B, c, D)
+        return dst + out if residual else out
 
 
 @RW_HEADS.register("tl")
@@ -169,11 +193,12 @@ class TokenLearnerHead(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, num_dst, num_dst, act_layer=nn.GELU)  # D -> M -> M
 
-    def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, dst: torch.Tensor, residual: bool = False) -> torch.Tensor:
         check_tokens(self.registry_name, self.num_src, self.num_dst, src, dst)
         z = torch.cat([src, dst], dim=1)  # (B, N+M, D)
         attn = self.mlp(self.norm(z)).transpose(1, 2).softmax(dim=-1)  # (B, M, N+M)
-        return attn @ z
+        out = attn @ z
+        return dst + out if residual else out
 
 
 @RW_HEADS.register("dyna")
@@ -200,7 +225,7 @@ class DynaMixerHead(nn.Module):
         self.generate = nn.Linear(tokens * reduced_dim, tokens * num_dst)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, dst: torch.Tensor, residual: bool = False) -> torch.Tensor:
         check_tokens(self.registry_name, self.num_src, self.num_dst, src, dst)
         z = self.norm(torch.cat([src, dst], dim=1))  # (B, L, D)
         B, L, D = z.shape
@@ -208,4 +233,5 @@ class DynaMixerHead(nn.Module):
         codes = self.compress(z).view(B, L, h, self.reduced_dim).transpose(1, 2).reshape(B, h, L * self.reduced_dim)
         mix = self.generate(codes).view(B, h, M, L).softmax(dim=-1)  # (B, h, M, L)
         out = mix @ z.view(B, L, h, D // h).transpose(1, 2)  # (B, h, M, D/h)
-        return self.proj(out.transpose(1, 2).reshape(B, M, D))
+        out = self.proj(out.transpose(1, 2).reshape(B, M, D))
+        return dst + out if residual else out

@@ -11,6 +11,7 @@ from the registries in ``vittm.registry``; this file only wires them, and speaks
 
 # No ``from __future__ import annotations`` here: torch.fx writes the annotations of forward() into the code it
 # generates, and TorchScript can only read that code when they are real types, not strings.
+import inspect
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vittm.models.checks import check_config, check_global_pool, check_input_size, grid_pos_table
+from vittm.models.fusion import ResidualFusion
+from vittm.models.memory import NoMemoryBlock
 from vittm.models.embed import PatchProcessEmbed, embed_patches, patchify
 from vittm.registry import FUSIONS, MEMORY_BLOCKS, PROCESS_EMBEDS, RW_HEADS, Spec
 
@@ -35,6 +38,18 @@ STREAMS = ("memory", "process")
 
 def layer_norm(dim: int) -> nn.LayerNorm:
     return nn.LayerNorm(dim, eps=1e-6)
+
+
+def block_into(block: Block, x: torch.Tensor, out: torch.Tensor) -> None:
+    """timm's ``Block.forward`` (pre-norm attention and MLP, each with layer scale, drop-path and a residual) with
+    its last residual add written into ``out`` (inference only: ``out=`` is not differentiable)."""
+    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+    torch.add(x, block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), out=out)
+
+
+def takes_residual(head: nn.Module) -> bool:
+    """Whether a read/write head's forward has the ``residual`` flag (``dst + head(src, dst)``, see rw_heads.py)."""
+    return "residual" in inspect.signature(head.forward).parameters
 
 
 class ViTTMLayer(nn.Module):
@@ -65,19 +80,45 @@ class ViTTMLayer(nn.Module):
         self.write = RW_HEADS.build(write_head, arg=write_arg, num_src=num_process, num_dst=num_memory, **shared)
         self.write_fuse = FUSIONS.build(fusion, dim=dim, num_tokens=num_memory)
         self.memory = MEMORY_BLOCKS.build(memory_block, dim=dim)
+        # With the residual fusion a head that can takes the add into its own last kernel: head(src, dst, True)
+        self.read_adds = isinstance(self.read_fuse, ResidualFusion) and takes_residual(self.read)
+        self.write_adds = isinstance(self.write_fuse, ResidualFusion) and takes_residual(self.write)
+        # Inference with both streams in one buffer (forward_shared): heads that write into a given tensor, the
+        # residual fusion and no memory block (whose decode would need a copy back into the buffer)
+        self.shares_buffer = (self.read_adds and self.write_adds and type(self.memory) is NoMemoryBlock
+                              and all(hasattr(head, "add_into") for head in (self.read, self.write)))
 
     def forward(self, m: torch.Tensor, p: torch.Tensor, write: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         # m: (B, N_m, D), p: (B, N_p, D)
         m, p = self.read_norm(m), self.read_norm(p)
-        p = self.read_fuse(self.read(m, p), p)
+        p = self.read(m, p, True) if self.read_adds else self.read_fuse(self.read(m, p), p)
         skip = m
         m = self.memory.encode(m)
         p = self.block(p)
         if not write:  # only the process head is wanted after the last layer: the write would be dead work
             return m, p
         m, p = self.write_norm(m), self.write_norm(p)
-        m = self.write_fuse(self.write(p, m), m)
+        m = self.write(p, m, True) if self.write_adds else self.write_fuse(self.write(p, m), m)
         return self.memory.decode(m, skip), p
+
+    @torch.jit.unused
+    def forward_shared(self, x: torch.Tensor, batch: int, num_memory: int, write: bool = True) -> torch.Tensor:
+        """The same layer for inference (no autograd), both streams in one buffer ``x`` (B·N_m + B·N_p, D):
+        the memory rows first, then the process rows, so that each stream is a contiguous (B, N, D) view and each
+        shared LayerNorm is one kernel over both. Every result is written over a tensor that is dead by then, so
+        the layer allocates two buffers (the two norms' outputs) and returns the second, holding the new streams
+        (the first without the write)."""
+        D, split = x.shape[1], batch * num_memory
+        y = self.read_norm(x)  # Nr over both streams
+        m, p = y[:split].view(batch, num_memory, D), y[split:].view(batch, -1, D)
+        self.read.add_into(m, p, out=p)  # p + read(m, p), over p (element-wise, so in place is safe)
+        block_into(self.block, p, out=p)  # the ViT block's output over its input
+        if not write:  # the process head only: the stream as the block left it
+            return y
+        z = self.write_norm(y)  # Nw over both streams; its output replaces both (SPEC §2)
+        zm, zp = z[:split].view(batch, num_memory, D), z[split:].view(batch, -1, D)
+        self.write.add_into(zp, zm, out=zm)  # Nw(m) + write(Nw(p), Nw(m)), over Nw(m)
+        return z
 
 
 class ViTTM(nn.Module):
@@ -288,6 +329,12 @@ class ViTTM(nn.Module):
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image (B, C, H, W) -> memory (B, N_m, D) and process (B, N_p, D) tokens with positions."""
+        m, p, m_pos, p_pos = self.tokens(x)
+        return m + m_pos, p + p_pos
+
+    def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image (B, C, H, W) -> memory (B, N_m, D) and process (B, N_p, D) tokens and their position tables
+        (1, N, D), resampled to this input's grids."""
         H, W = x.shape[-2], x.shape[-1]
         sizes = {"memory_ps": self.memory_ps}
         if self.patch_process:  # only the patch embedder cuts the image with process_ps
@@ -298,9 +345,9 @@ class ViTTM(nn.Module):
         p = self.process_embed(x, m, patches)  # (B, h_p, w_p, D)
         B, hm, wm, D = m.shape
         _, hp, wp, _ = p.shape
-        m = m.reshape(B, hm * wm, D) + grid_pos_table(self.memory_pos_embed, hm, wm, self.memory_grid)
-        p = p.reshape(B, hp * wp, D) + grid_pos_table(self.process_pos_embed, hp, wp, self.process_grid)
-        return m, p
+        m_pos = grid_pos_table(self.memory_pos_embed, hm, wm, self.memory_grid)
+        p_pos = grid_pos_table(self.process_pos_embed, hp, wp, self.process_grid)
+        return m.reshape(B, hm * wm, D), p.reshape(B, hp * wp, D), m_pos, p_pos
 
     def forward_features(self, x: torch.Tensor, write_last: bool = True) -> list[torch.Tensor]:
         """Both streams after the last layer: ``[memory (B, N_m, D), normalised process (B, N_p, D)]``.
@@ -308,6 +355,13 @@ class ViTTM(nn.Module):
         ``write_last=False`` skips the last write (the memory returned is then stale); used when only the process
         head is evaluated.
         """
+        m, p = self._layers(x, write_last)
+        return [m, self.process_norm(p)]
+
+    def _layers(self, x: torch.Tensor, write_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding and layers: (memory, process before its final norm)."""
+        if not torch.jit.is_scripting() and self._shares_buffer(x):
+            return self._layers_shared(x, write_last)
         m, p = self.embed(x)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -316,14 +370,35 @@ class ViTTM(nn.Module):
                 m, p = checkpoint(layer, m, p, write, use_reentrant=False)  # recomputed in the backward pass
             else:
                 m, p = layer(m, p, write)
-        return [m, self.process_norm(p)]
+        return m, p
+
+    @torch.jit.unused
+    def _shares_buffer(self, x: torch.Tensor) -> bool:
+        """Inference in eager mode (no autograd, not traced or compiled) with layers that can share one buffer."""
+        return (not torch.is_grad_enabled() and isinstance(x, torch.Tensor) and not isinstance(x, torch.fx.Proxy)
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                and all(layer.shares_buffer for layer in self.layers))
+
+    @torch.jit.unused
+    def _layers_shared(self, x: torch.Tensor, write_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layers with both streams in one buffer (``ViTTMLayer.forward_shared``): (memory, process) views."""
+        m, p, m_pos, p_pos = self.tokens(x)
+        B, Nm, D = m.shape
+        buffer = m.new_empty(B * (Nm + p.shape[1]), D)
+        torch.add(m, m_pos, out=buffer[: B * Nm].view(m.shape))  # the position adds fill the buffer
+        torch.add(p, p_pos, out=buffer[B * Nm :].view(p.shape))
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            buffer = layer.forward_shared(buffer, B, Nm, write=write_last or i < last)
+        return buffer[: B * Nm].view(B, Nm, D), buffer[B * Nm :].view(B, -1, D)
 
     def pool(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over tokens (``global_pool='avg'``; ``''`` keeps the tokens), then each head's LayerNorm."""
-        m, p = features[0], features[1]
-        if self.global_pool == "avg":
-            m, p = m.mean(dim=1), p.mean(dim=1)  # (B, D) each
+        m, p = self._mean(features[0]), self._mean(features[1])
         return self.head_drop(self.fc_norm(m)), self.head_drop(self.process_fc_norm(p))
+
+    def _mean(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.mean(dim=1) if self.global_pool == "avg" else tokens  # (B, D) or (B, N, D)
 
     def _combine(self, m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """``mean`` of the two heads: their average when pooled; unpooled, the token sets side by side."""
@@ -347,6 +422,8 @@ class ViTTM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes) of the ``eval_head`` (eval mode) or the mean of both heads (training mode)."""
+        if not self.training and self._eval_head == "memory":  # the process stream's last norms are dead work
+            return self.head(self.head_drop(self.fc_norm(self._mean(self._layers(x)[0]))))
         only_process = not self.training and self._eval_head == "process"
         return self.forward_head(self.forward_features(x, write_last=not only_process))
 
