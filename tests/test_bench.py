@@ -18,6 +18,7 @@ from PIL import Image
 
 from tests.helpers import CONF, ROOT
 from vittm.bench import run, write_outputs
+from vittm.cost import measure
 from vittm.errors import ConfigError
 from vittm.models import create_model
 
@@ -49,11 +50,42 @@ def test_bench_rows_and_files(tmp_path):
 @pytest.mark.parametrize("override,key", [
     ("bench.device=tpu", "bench.device"), ("bench.dtype=fp8", "bench.dtype"), ("bench.modes=[serve]", "bench.modes"),
     ("bench.batch_sizes=[0]", "bench.batch_sizes"),
-    ("bench.compile=fast", "bench.compile"),
+    ("bench.compile=fast", "bench.compile"), ("bench.timer=stopwatch", "bench.timer"),
+    ("bench.tf32=maybe", "bench.tf32"), ("bench.timer=blocked_autorange bench.min_run_time=0", "bench.min_run_time"),
 ])
 def test_bench_bad_input(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        run(bench_cfg(tmp_path, override))
+        run(bench_cfg(tmp_path, *override.split()))
+
+
+def test_bench_cost_meter_columns_and_blocked_timer(tmp_path):
+    """The meter's columns beside the timings (its counts are the model's own, vittm.cost), the authors'
+    blocked_autorange timer, and compile=auto resolved (eager on CPU) and said so."""
+    cfg = bench_cfg(tmp_path, "bench.modes=[inference,train]", "bench.batch_sizes=[2]", "bench.timer=blocked_autorange",
+                    "bench.min_run_time=0.05")
+    rows = run(cfg)
+    by = {(r["model"].split()[0], r["mode"]): r for r in rows}
+    model = create_model("vittm_tiny", img_size=112).eval()
+    with torch.no_grad():
+        x = torch.randn(2, 3, 112, 112)
+        assert by["vittm_tiny", "inference"]["kernels"] == measure(lambda: model(x)).kernels
+    for r in rows:
+        assert r["kernels"] > 0 and r["MB_per_img"] > 0 and r["timer"] == "blocked_autorange"
+        assert r["compile"] == "False (auto)" and r["median_ms"] > 0
+        assert ("optim_kernels" in r) == (r["mode"] == "train")
+    assert by["vittm_tiny", "inference"]["kernels"] > by["vit_tiny_patch16_224", "inference"]["kernels"]
+    write_outputs(rows, tmp_path, None)
+    text = (tmp_path / "bench.md").read_text()
+    assert "| kernels | MB_per_img | optim_kernels | optim_MB |" in text and "timer blocked_autorange" in text
+
+
+def test_paper_preset_composes_the_authors_protocol(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        b = compose(config_name="bench", overrides=["preset=paper", f"output_dir={tmp_path}"]).bench
+    assert (b.dtype, b.tf32, b.compile, b.timer, b.min_run_time, list(b.batch_sizes)) == (
+        "fp32", False, False, "blocked_autorange", 8, [128])
+    names = [m if isinstance(m, str) else (m.name, m.get("memory_ps"), m.get("process_ps")) for m in b.models]
+    assert names == ["vit_base_patch16_224", ("vittm_base", None, None), ("vittm_base", 16, 32)]
 
 
 @pytest.mark.slow

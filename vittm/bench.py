@@ -30,12 +30,17 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from torch._inductor import config as inductor_config
+from torch._inductor import metrics as inductor_metrics
+
+from vittm.cost import measure
 from vittm.errors import ConfigError
 from vittm.flops import count_macs, count_params
 from vittm.lit import COMPILE_MODES, compile_options, is_compile_setting
 from vittm.models import ViTTM, create_model
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TIMERS = ("round_robin", "blocked_autorange")
 
 
 def model_config(override: str) -> dict[str, Any]:
@@ -113,35 +118,74 @@ def timed_once(fn, sync) -> float:
     return time.perf_counter() - start
 
 
-def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, autocast, compile_: dict | None) -> Any:
-    """One inference forward, or one training step (both heads' losses for a ViTTM) with AdamW.
+def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, autocast, compile_: dict | None):
+    """One inference forward, or one training step (both heads' losses for a ViTTM) with AdamW (``foreach``).
     ``compile_``: torch.compile options, or None for eager; what runs is compiled (``forward_both`` for a ViTTM's
-    training step, which a compiled module's plain call would not reach)."""
+    training step, which a compiled module's plain call would not reach). Returns ``(step, parts)``: ``parts`` are
+    the eager callables the cost meter counts, ``{"forward": ...}`` or ``{"forward_backward": ..., "optimizer": ...}``.
+    """
     if mode == "inference":
         model.eval()
         runner = torch.compile(model, **compile_) if compile_ is not None else model
 
-        def infer() -> None:
-            with torch.inference_mode(), autocast():
-                runner(x)
+        def run_with(fn, no_autograd=torch.inference_mode) -> None:
+            with no_autograd(), autocast():
+                fn(x)
 
-        return infer
+        # counted under no_grad: under inference_mode composite ops (linear, layer_norm, ...) reach the meter
+        # before they decompose, so the count would not compare with a training step's
+        return (lambda: run_with(runner)), {"forward": lambda: run_with(model, torch.no_grad)}
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
     target = torch.zeros(len(x), dtype=torch.long, device=x.device)
-    forward = model.forward_both if isinstance(model, ViTTM) else lambda inp: (model(inp),)
-    if compile_ is not None:
-        forward = torch.compile(forward, **compile_)
+    eager = model.forward_both if isinstance(model, ViTTM) else lambda inp: (model(inp),)
+    forward = torch.compile(eager, **compile_) if compile_ is not None else eager
 
-    def train() -> None:
+    def forward_backward(fn) -> None:
         with autocast():
-            loss = sum(F.cross_entropy(out.float(), target) for out in forward(x))
+            loss = sum(F.cross_entropy(out.float(), target) for out in fn(x))
         loss.backward()
+
+    def update() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return train
+    def train() -> None:
+        forward_backward(forward)
+        update()
+
+    return train, {"forward_backward": lambda: forward_backward(eager), "optimizer": update}
+
+
+def meter_columns(parts: dict[str, Any], batch: int, sync) -> dict[str, Any]:
+    """The cost meter's columns for one entry (its eager kernels and non-matmul bytes, see vittm.cost), counted on a
+    step run after the warm-up, so the optimizer's state already exists (a steady-state step)."""
+    if "forward" in parts:
+        cost = measure(parts["forward"])
+        return {"kernels": cost.kernels, "MB_per_img": round(cost.bytes / batch / 1e6, 2)}
+    fb = measure(parts["forward_backward"])
+    opt = measure(parts["optimizer"])
+    sync()
+    return {"kernels": fb.kernels + opt.kernels, "MB_per_img": round(fb.bytes / batch / 1e6, 2),
+            "optim_kernels": opt.kernels, "optim_MB": round(opt.bytes / 1e6, 1)}
+
+
+def resolve_compile(setting: Any, device: torch.device) -> bool | str:
+    """``auto``: the fastest setting measured on that kind of device (README "Performance"): CUDA graphs
+    (``reduce-overhead``) on a GPU, eager on CPU."""
+    if setting == "auto":
+        return "reduce-overhead" if device.type == "cuda" else False
+    return setting
+
+
+def time_blocked(fn, min_run_time: float) -> list[float]:
+    """The authors' protocol (their benchmark.py): torch.utils.benchmark's ``blocked_autorange`` over a window of
+    ``min_run_time`` seconds; the per-run times of its blocks."""
+    from torch.utils import benchmark
+
+    measurement = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return [t for t in measurement.times]
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -156,11 +200,22 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     bad_modes = [m for m in b.modes if m not in ("inference", "train")]
     if bad_modes or not b.models or not b.batch_sizes or min(b.batch_sizes) < 1:
         raise ConfigError("bench.modes must be inference/train, bench.models and bench.batch_sizes non-empty (>= 1)")
-    if not is_compile_setting(b.compile):
-        raise ConfigError(f"bench.compile={b.compile!r}: choose true, false or a torch.compile mode {COMPILE_MODES}")
+    if b.compile != "auto" and not is_compile_setting(b.compile):
+        raise ConfigError(f"bench.compile={b.compile!r}: choose auto, true, false or a torch.compile mode "
+                          f"{COMPILE_MODES}")
+    if b.timer not in TIMERS:
+        raise ConfigError(f"bench.timer={b.timer!r}: choose one of {list(TIMERS)}")
+    if b.timer == "blocked_autorange" and not b.min_run_time > 0:
+        raise ConfigError(f"bench.min_run_time={b.min_run_time!r}: a positive number of seconds")
+    if b.tf32 not in (None, True, False):
+        raise ConfigError(f"bench.tf32={b.tf32!r}: choose null (PyTorch's defaults), true or false")
     if b.threads:
         torch.set_num_threads(int(b.threads))
     device = torch.device(b.device)
+    if b.tf32 is not None:  # fp32 GEMMs and convolutions on a GPU
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(b.tf32)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    compile_setting = resolve_compile(b.compile, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dtype = DTYPES[b.dtype]
 
@@ -178,22 +233,28 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         model = model.to(device)
         if b.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        compile_ = compile_options(b.compile, fullgraph=b.fullgraph)
+        compile_ = compile_options(compile_setting, fullgraph=b.fullgraph)
         for mode in b.modes:
             for batch in b.batch_sizes:
                 x = torch.randn(batch, *size, device=device)
                 if b.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                fn = step_fn(model, x, mode, autocast, compile_)
+                fn, parts = step_fn(model, x, mode, autocast, compile_)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                with PeakRSS() as rss:
+                generated = inductor_metrics.generated_kernel_count if compile_ is not None else 0
+                # compiled afresh (no FX-graph cache hit, which would generate nothing) so that the count is real
+                with PeakRSS() as rss, inductor_config.patch(fx_graph_cache=False):
                     for _ in range(b.warmup):
                         timed_once(fn, sync)
                 memory = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else rss.megabytes
                 stub = {"model": label, "mode": mode, "batch": batch, "params_M": round(params / 1e6, 2),
-                        "gmacs": round(macs / 1e9, 3), "gmacs_norms": round(macs_norms / 1e9, 3),
+                        "gmacs": round(macs / 1e9, 5), "gmacs_norms": round(macs_norms / 1e9, 5),
                         "peak_mem_MB": round(memory, 1)}
+                if b.meter:
+                    stub |= meter_columns(parts, batch, sync)
+                if compile_ is not None:  # kernels inductor generated while compiling this entry (warm-up)
+                    stub["inductor_kernels"] = inductor_metrics.generated_kernel_count - generated
                 entries.append((stub, fn, macs * batch * (3 if mode == "train" else 1)))  # backward ≈ 2x forward
     glibc_allocator(eager_release=False)  # while timing: memory reused, no page faults
     n = b.matmul_size
@@ -206,10 +267,14 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     timed_once(matmul, sync)
     times: list[list[float]] = [[] for _ in entries]
     matmul_times = []
-    for _ in range(b.repeats):
-        matmul_times.append(timed_once(matmul, sync))
-        for i, (_, fn, _) in enumerate(entries):
-            times[i].append(timed_once(fn, sync))
+    if b.timer == "blocked_autorange":  # one entry after another, each over its own window (the paper's protocol)
+        matmul_times = time_blocked(lambda: (matmul(), sync()), b.min_run_time)
+        times = [time_blocked(lambda fn=fn: (fn(), sync()), b.min_run_time) for _, fn, _ in entries]
+    else:
+        for _ in range(b.repeats):
+            matmul_times.append(timed_once(matmul, sync))
+            for i, (_, fn, _) in enumerate(entries):
+                times[i].append(timed_once(fn, sync))
     peak = 2 * n**3 / float(np.median(matmul_times)) / 1e9
     rows = []
     for (stub, _, macs_per_step), ts in zip(entries, times, strict=True):
@@ -220,10 +285,15 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             "median_ms": round(1000 * median, 2), "iqr_ms": round(1000 * (q3 - q1), 2),
             "images_per_s": round(stub["batch"] / median, 2), "gflops": round(gflops, 1),
             "pct_of_matmul": round(100 * gflops / peak, 1), "device": b.device, "dtype": b.dtype,
-            "compile": b.compile, "channels_last": b.channels_last, "threads": torch.get_num_threads(),
-            "matmul_gflops": round(peak, 1),
+            "compile": compile_label(b.compile, compile_setting), "tf32": tf32, "timer": b.timer,
+            "channels_last": b.channels_last, "threads": torch.get_num_threads(), "matmul_gflops": round(peak, 1),
         })
     return rows
+
+
+def compile_label(setting: Any, resolved: Any) -> str:
+    """What ran, and why: ``reduce-overhead (auto)`` when ``auto`` chose it."""
+    return f"{resolved} (auto)" if setting == "auto" else str(resolved)
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[str]:
@@ -245,16 +315,25 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
 def write_outputs(rows: list[dict[str, Any]], out: Path, results: str | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(k for r in rows for k in r))  # train rows add the optimizer's columns
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     cols = ["model", "mode", "batch", "params_M", "gmacs", "median_ms", "iqr_ms", "images_per_s", "gflops",
             "pct_of_matmul", "peak_mem_MB"]
+    cols += [c for c in ("kernels", "MB_per_img", "optim_kernels", "optim_MB", "inductor_kernels")
+             if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     r0 = rows[0]
-    lines += ["", f"{r0['device']} {r0['dtype']}, compile={r0['compile']}, channels_last={r0['channels_last']}, "
-                  f"{r0['threads']} threads; reference {r0['dtype']} matmul {r0['matmul_gflops']} GFLOP/s", ""]
+    lines += ["", f"{r0['device']} {r0['dtype']}, compile={r0['compile']}, TF32 matmul {'on' if r0['tf32'] else 'off'}, "
+                  f"channels_last={r0['channels_last']}, {r0['threads']} threads, timer {r0['timer']}; reference "
+                  f"{r0['dtype']} matmul {r0['matmul_gflops']} GFLOP/s", ""]
+    if "kernels" in r0:
+        lines += ["kernels: eager ATen kernels per inference forward or per training step (forward, backward and "
+                  "AdamW step; optim_kernels of them the optimizer's); MB_per_img: bytes written by non-matmul ops "
+                  "per image (a training step's forward and backward; optim_MB: the optimizer's per step); "
+                  "inductor_kernels: kernels inductor generated for the compiled entry (vittm.cost)", ""]
     lines += ratios(rows)
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "bench.png", load_accuracy(results))

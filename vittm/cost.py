@@ -44,6 +44,16 @@ class Cost:
     bytes_by_op: Counter = field(default_factory=Counter)  # op name -> bytes
 
 
+def returns_an_input(func, args, out) -> bool:
+    """An op that hands back one of its inputs unchanged (e.g. ``dropout`` in eval mode under inference_mode, where
+    composite ops reach the meter before they decompose) did no work; in-place ops are not this case."""
+    if any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments):
+        return False
+    inputs = {id(t) for t in tree_leaves(args) if isinstance(t, torch.Tensor)}
+    outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return bool(outputs) and all(id(t) in inputs for t in outputs)
+
+
 def written_tensors(func, args, kwargs, out) -> list[torch.Tensor]:
     """The tensors an op writes: the arguments it mutates (in-place and ``out=`` ops, including ``_foreach_*_``,
     which return nothing), else its outputs."""
@@ -66,7 +76,7 @@ class CostMeter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if func.is_view or name in NO_KERNEL:
+        if func.is_view or name in NO_KERNEL or returns_an_input(func, args, out):
             return out
         self.cost.kernels += 1
         self.cost.by_op[name] += 1
