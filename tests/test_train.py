@@ -41,6 +41,23 @@ def test_train_checkpoints_metrics_reload_and_eval(tmp_path):
     evaluated = evaluate(compose_cfg(tmp_path / "eval", *TINY, "mode=eval", f"ckpt_path={ckpts / 'last.ckpt'}"))
     for key in ("val/memory_acc1", "val/process_acc5", "val_ema/memory_acc1", "val_ema/process_acc1"):
         assert evaluated["final"][key] == pytest.approx(metrics["final"][key], abs=1e-6), key
+    assert evaluated["eval_compile"] is False  # auto: eager on CPU (CUDA graphs on a GPU)
+
+
+def test_cuda_graph_calls_copy_their_outputs_out():
+    """Under reduce-overhead every call starts a new CUDA-graph step and copies its outputs out, so the live and EMA
+    logits of one validation batch are separate tensors (checked here on the eager callables, on CPU)."""
+    module = ViTTMModule(
+        model=dict(name="vittm_test", num_classes=10), optimizer=dict(opt="adamw", lr=1e-3),
+        schedule=dict(name="cosine", warmup_steps=1), loss=dict(name="ce"), ema=dict(enabled=True, decay=0.9),
+    ).eval()
+    module.cuda_graphs = True
+    x = torch.randn(2, 3, 32, 32)
+    raw = module.net.forward_both(x)
+    live, ema = module.outputs(x), module.outputs(x, ema=True)
+    for head, logits in live.items():
+        assert logits.data_ptr() != ema[head].data_ptr()
+    torch.testing.assert_close(live["memory"], raw[0])
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -223,6 +240,24 @@ def test_documented_commands_train(tmp_path, overrides):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_cuda_graphs_with_ema_accumulation_and_ddp(tmp_path):
+    """compile=reduce-overhead with EMA validation, gradient accumulation, bf16-mixed and DDP (one process): the
+    live and EMA graphs each replay, and their logits do not overwrite each other (EMA equals live at decay 0)."""
+    overrides = [*TINY, "trainer=gpu", "compile=reduce-overhead", "trainer.accumulate_grad_batches=2",
+                 "trainer.strategy=ddp", "trainer.devices=1", "ema.decay=0.0", "trainer.max_epochs=2"]
+    result = train(compose_cfg(tmp_path / "run", *overrides))
+    assert result["steps"] == 8
+    for head in ("memory", "process"):  # decay 0: the EMA copy is the live model after the last update
+        assert result["final"][f"val_ema/{head}_acc1"] == pytest.approx(result["final"][f"val/{head}_acc1"])
+    evaluated = evaluate(compose_cfg(tmp_path / "eval", *TINY, "trainer=gpu", "mode=eval",
+                                     f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"))
+    assert evaluated["eval_compile"] == "reduce-overhead"  # auto on a GPU
+    assert evaluated["final"]["val/memory_acc1"] == pytest.approx(result["final"]["val/memory_acc1"], abs=0.02)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_bf16_training_with_cuda_graphs(tmp_path):
     """trainer=gpu (bf16-mixed) with compile=reduce-overhead: CUDA graphs replayed in training and validation."""
     result = train(compose_cfg(tmp_path, *TINY, "trainer=gpu", "compile=reduce-overhead", "trainer.max_epochs=3"))

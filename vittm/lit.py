@@ -100,9 +100,7 @@ class ViTTMModule(L.LightningModule):
         self.num_classes = model["num_classes"]
         self.two_heads = isinstance(self.net, ViTTM)
         self.ema = self._new_ema()
-        # torch.compile wraps a callable kept outside the module tree, so checkpoints stay the same either way.
-        options = compile_options(compile)
-        self.__dict__["_run"] = torch.compile(self._forward_raw, **options) if options else self._forward_raw
+        self.set_compile(compile)
 
         aug = augment or {}
         mixing = aug.get("mixup", 0) > 0 or aug.get("cutmix", 0) > 0
@@ -148,12 +146,37 @@ class ViTTMModule(L.LightningModule):
         # (Lightning switches modes itself, eval for validation, and warns about eval modules at the start of fit).
         return ModelEmaV3(self.net, decay=cfg.get("decay", 0.999)).requires_grad_(False).train()
 
+    def set_compile(self, compile: bool | str) -> None:
+        """torch.compile the live model's and the EMA model's forward (``compile``: false, true or a mode).
+
+        The compiled callables are kept outside the module tree, so checkpoints stay the same either way. Under
+        ``reduce-overhead`` both replay CUDA graphs, whose outputs live in memory the next replay reuses: each
+        call starts a new graph step (``torch.compiler.cudagraph_mark_step_begin``) and its outputs are copied
+        out, so the live and the EMA model's logits (validated side by side), and the micro-batches of gradient
+        accumulation, never overwrite each other."""
+        options = compile_options(compile)
+        self.cuda_graphs = bool(options) and options["mode"] == "reduce-overhead"
+        live, ema = self._forward_raw, self._forward_ema
+        self.__dict__["_run"] = torch.compile(live, **options) if options else live
+        self.__dict__["_run_ema"] = torch.compile(ema, **options) if options else ema
+
     def _forward_raw(self, x: torch.Tensor) -> Any:
         return self.net.forward_both(x) if self.two_heads else self.net(x)
 
-    def outputs(self, x: torch.Tensor, net: nn.Module | None = None) -> dict[str, torch.Tensor]:
-        """Logits by head name, plus ``""`` for what ``model(x)`` returns."""
-        raw = self._run(x) if net is None else (net.forward_both(x) if self.two_heads else net(x))
+    def _forward_ema(self, x: torch.Tensor) -> Any:
+        net = self.ema.module
+        return net.forward_both(x) if self.two_heads else net(x)
+
+    def _call(self, runner: Callable, x: torch.Tensor) -> Any:
+        if not self.cuda_graphs:
+            return runner(x)
+        torch.compiler.cudagraph_mark_step_begin()
+        out = runner(x)
+        return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
+
+    def outputs(self, x: torch.Tensor, ema: bool = False) -> dict[str, torch.Tensor]:
+        """Logits by head name, plus ``""`` for what ``model(x)`` returns; of the EMA model with ``ema``."""
+        raw = self._call(self.__dict__["_run_ema" if ema else "_run"], x)
         if not self.two_heads:
             return {"": raw}
         memory, process = raw
@@ -227,9 +250,9 @@ class ViTTMModule(L.LightningModule):
         if batch is None:  # every image of this batch was unreadable (vittm.data.bad_images)
             return
         x, y = batch
-        nets = [("val", None)] + ([("val_ema", self.ema.module)] if self.ema is not None else [])
-        for prefix, net in nets:
-            out = self.outputs(x, net)
+        nets = [("val", False)] + ([("val_ema", True)] if self.ema is not None else [])
+        for prefix, ema in nets:
+            out = self.outputs(x, ema)
             heads = self.head_names or [""]
             # weighted by batch size: the mean over images, whatever the batches and ranks
             self.metrics[f"{prefix}|loss"].update(sum(F.cross_entropy(out[h], y) for h in heads), weight=len(y))
