@@ -66,10 +66,33 @@ def test_shared_buffer_inference_matches_autograd_path(device, kwargs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_autocast_runs_the_reference_ops():
-    """Under autocast the head runs its plain ops (autocast casts them one by one), with the same result."""
+@pytest.mark.parametrize("device", [pytest.param(d, marks=pytest.mark.gpu if d == "cuda" else ()) for d in DEVICES])
+def test_autocast_matches_the_reference(device):
+    """Under bf16 autocast the Function casts its inputs once and keeps the residual in fp32, as autocast does for
+    the plain ops: same dtype out, same values and gradients within bf16's precision."""
+    tensors, consts, h = head_inputs(torch.float32, device, B=3, N=16, M=8, D=48, c=12)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        from vittm.models.rw_heads import eager_linear_attention
+
+        ours = eager_linear_attention(tensors[0], tensors[1], True, *tensors[2:], consts, h, 1e-6)
+        plain = reference(tensors[0], tensors[1], True, *tensors[2:], h, 1e-6)
+    assert ours.dtype == plain.dtype == torch.float32
+    torch.testing.assert_close(ours, plain, rtol=0.02, atol=0.05)
+    for got, want in zip(torch.autograd.grad(ours.sum(), tensors), torch.autograd.grad(plain.sum(), tensors),
+                         strict=True):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.1 * want.abs().max().item())
+
+
+def test_model_under_autocast_inference_and_training():
     model = noised(create_model("vittm_test", num_classes=10))
     x = torch.randn(2, 3, 32, 32)
+    want = model(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x)
-    torch.testing.assert_close(out.float(), model(x), rtol=0.05, atol=0.05)
+        with torch.no_grad():
+            fast = model(x)
+        model.train()
+        loss = sum(o.float().sum() for o in model.forward_both(x))
+    loss.backward()
+    torch.testing.assert_close(fast.float(), want, rtol=0.05, atol=0.05)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())

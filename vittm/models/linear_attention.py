@@ -12,8 +12,9 @@ Why by hand (autograd's version of the same ops launches about twice the kernels
 - The backward needs no slice/cat/clone bookkeeping: each gradient is written where the next op reads it, φ's
   derivative is ``elu_backward`` writing into the (B, N, c + D) gradient of the fused k/v projection, and the
   residual's gradient joins the dst gradient inside its matmul (``addmm``).
-Used in eager mode for fp32/fp64/bf16/fp16 tensors without autocast; TorchScript, ``torch.compile`` (inductor fuses
-the plain ops itself) and autocast run ``reference``.
+Used in eager mode (fp32/fp64/bf16/fp16, under autocast too: the inputs are cast once to autocast's dtype, the
+residual stream keeps its own); TorchScript and ``torch.compile`` (inductor fuses the plain ops itself) run
+``reference``.
 """
 
 from __future__ import annotations
@@ -44,9 +45,12 @@ def reference(src: torch.Tensor, dst: torch.Tensor, residual: bool, q_w: torch.T
 
 def kernels(src: torch.Tensor, dst: torch.Tensor, q_w: torch.Tensor, q_b: torch.Tensor, kv_w: torch.Tensor,
             kv_b: torch.Tensor, consts: torch.Tensor, residual: bool, num_heads: int,
-            out: torch.Tensor | None = None, save: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            out: torch.Tensor | None = None, save: bool = False,
+            base: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The forward without autograd (call it under no_grad, or from the Function): ``(y (B, M, D), saved)``.
     ``out``: where to write y (any (B, M, D) view, e.g. a slice of the model's stream buffer); fresh if None.
+    ``base``: the residual, when it is ``dst`` in another dtype (autocast: dst cast for the matmuls, the residual
+    stream kept in fp32); y then has its dtype.
     ``consts`` = [0, …, 0, eps, 1] (D/h + 2,): its first D/h + 1 entries are O's bias, its last X's ones column.
     ``save``: keep φ(q), φ(k) for the backward (otherwise φ's "+ 1" is folded into the matmuls, saving two writes)."""
     B, N, D = src.shape
@@ -72,11 +76,12 @@ def kernels(src: torch.Tensor, dst: torch.Tensor, q_w: torch.Tensor, q_b: torch.
         bias = torch.baddbmm(consts[:-1], consts[-1:].expand(B * h, 1, ch), S)  # 1ᵀS + [0 … eps]: (B·h, 1, ·)
         O = torch.baddbmm(bias, Q3, S)
     O = O.view(B, h, M, dh + 1)
-    y = dst.new_empty(B, M, D) if out is None else out
+    base2 = dst2 if base is None else base.reshape(B * M, D)
+    y = (base2 if residual else q).new_empty(B, M, D) if out is None else out
     y4 = y.view(B, M, h, dh)
     num, den = O[..., :dh].transpose(1, 2), O[..., dh:].transpose(1, 2)  # (B, M, h, D/h), (B, M, h, 1)
     if residual:
-        torch.addcdiv(dst2.view(B, M, h, dh), num, den, out=y4)
+        torch.addcdiv(base2.view(B, M, h, dh), num, den, out=y4)
     else:
         torch.div(num, den, out=y4)
     return y, (src2, dst2, q_w, kv_w, q, kv, Q, K, X, S, O, consts)
@@ -84,8 +89,14 @@ def kernels(src: torch.Tensor, dst: torch.Tensor, q_w: torch.Tensor, q_b: torch.
 
 class LinearAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, src, dst, q_w, q_b, kv_w, kv_b, consts, residual: bool, num_heads: int):
-        y, saved = kernels(src, dst, q_w, q_b, kv_w, kv_b, consts, residual, num_heads, save=True)
+    def forward(ctx, src, dst, q_w, q_b, kv_w, kv_b, consts, residual: bool, num_heads: int,
+                dtype: torch.dtype | None = None):
+        # dtype: autocast's (the caller turned autocast off): the inputs are cast here, as autocast would cast them
+        # for the matmuls, and the residual stays in its own dtype
+        base = dst
+        if dtype is not None and dtype != src.dtype:
+            src, dst, q_w, q_b, kv_w, kv_b, consts = (t.to(dtype) for t in (src, dst, q_w, q_b, kv_w, kv_b, consts))
+        y, saved = kernels(src, dst, q_w, q_b, kv_w, kv_b, consts, residual, num_heads, save=True, base=base)
         ctx.save_for_backward(*saved)
         ctx.residual = residual
         return y
@@ -99,10 +110,11 @@ class LinearAttention(torch.autograd.Function):
         D = h * dh
         need = ctx.needs_input_grad
         grad2 = grad.reshape(B * M, D)
+        graded = grad2.to(O.dtype)  # (a no-op unless autocast: the residual's gradient is fp32, the matmuls' bf16)
         # gradient of O = [num | den] (B, h, M, D/h + 1): num gets grad / den, den gets -Σ_j grad_j num_j / den²
         gO = O.new_empty(B, h, M, dh1)
         den = O[..., dh:]
-        torch.div(grad2.view(B, M, h, dh).transpose(1, 2), den, out=gO[..., :dh])
+        torch.div(graded.view(B, M, h, dh).transpose(1, 2), den, out=gO[..., :dh])
         # Σ_j gO_j num_j for every (b, h, m) as one batched (1 x D/h) @ (D/h x 1) matmul (rows D/h + 1 apart)
         rows = B * h * M
         dot = torch.bmm(gO.view(rows, 1, dh1)[..., :dh], O.reshape(rows, dh1, 1)[:, :dh]).view(B, h, M, 1)
@@ -125,7 +137,13 @@ class LinearAttention(torch.autograd.Function):
         if need[0]:
             g_src = torch.mm(gkv, kv_w).view(B, N, D)
         if need[1]:
-            g_dst = (torch.addmm(grad2, gq, q_w) if ctx.residual else torch.mm(gq, q_w)).view(B, M, D)
+            if not ctx.residual:
+                g_dst = torch.mm(gq, q_w)
+            elif grad2.dtype == gq.dtype:
+                g_dst = torch.addmm(grad2, gq, q_w)  # the residual's gradient joins inside the matmul
+            else:
+                g_dst = grad2 + torch.mm(gq, q_w)
+            g_dst = g_dst.view(B, M, D)
         if need[2]:
             g_qw = torch.mm(gq.t(), dst2)
         if need[3]:
@@ -134,12 +152,20 @@ class LinearAttention(torch.autograd.Function):
             g_kvw = torch.mm(gkv.t(), src2)
         if need[5]:
             g_kvb = gkv.sum(0)
-        return g_src, g_dst, g_qw, g_qb, g_kvw, g_kvb, None, None, None
+        return g_src, g_dst, g_qw, g_qb, g_kvw, g_kvb, None, None, None, None  # (autograd casts to input dtypes)
 
 
 def fused_applies(src: torch.Tensor, *params: torch.Tensor) -> bool:
-    """The Function runs in eager mode, without autocast, when every tensor has one floating dtype on one device."""
-    device = src.device.type
-    if torch.compiler.is_compiling() or (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+    """The Function runs in eager mode when every tensor has one floating dtype on one device (autocast included:
+    see ``autocast_dtype``)."""
+    if torch.compiler.is_compiling():
         return False
     return src.is_floating_point() and all(p.dtype == src.dtype and p.device == src.device for p in params)
+
+
+def autocast_dtype(src: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run this head's matmuls in, or None without autocast."""
+    device = src.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None

@@ -21,7 +21,7 @@ from timm.layers import Mlp, register_notrace_function
 from torch import nn
 from torch.fx.node import has_side_effect
 
-from vittm.models.linear_attention import LinearAttention, fused_applies
+from vittm.models.linear_attention import LinearAttention, autocast_dtype, fused_applies
 from vittm.models.linear_attention import kernels as linear_attention_kernels
 from vittm.models.linear_attention import reference as linear_attention_reference
 from vittm.registry import RW_HEADS
@@ -70,9 +70,13 @@ def linear_attention(src: torch.Tensor, dst: torch.Tensor, residual: bool, q_w: 
 def eager_linear_attention(src: torch.Tensor, dst: torch.Tensor, residual: bool, q_w: torch.Tensor,
                            q_b: torch.Tensor, kv_w: torch.Tensor, kv_b: torch.Tensor, consts: torch.Tensor,
                            num_heads: int, eps: float) -> torch.Tensor:
-    if fused_applies(src, dst, q_w, q_b, kv_w, kv_b, consts):
+    if not fused_applies(src, dst, q_w, q_b, kv_w, kv_b, consts):
+        return linear_attention_reference(src, dst, residual, q_w, q_b, kv_w, kv_b, num_heads, eps)
+    dtype = autocast_dtype(src)
+    if dtype is None:
         return LinearAttention.apply(src, dst, q_w, q_b, kv_w, kv_b, consts, residual, num_heads)
-    return linear_attention_reference(src, dst, residual, q_w, q_b, kv_w, kv_b, num_heads, eps)
+    with torch.autocast(src.device.type, enabled=False):  # the Function casts its inputs once itself
+        return LinearAttention.apply(src, dst, q_w, q_b, kv_w, kv_b, consts, residual, num_heads, dtype)
 
 
 @RW_HEADS.register("lin")

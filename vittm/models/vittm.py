@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vittm.models.checks import check_config, check_global_pool, check_input_size, grid_pos_table
 from vittm.models.fusion import ResidualFusion
+from vittm.models.linear_attention import autocast_dtype
 from vittm.models.memory import NoMemoryBlock
 from vittm.models.embed import PatchProcessEmbed, embed_patches, patchify
 from vittm.registry import FUSIONS, MEMORY_BLOCKS, PROCESS_EMBEDS, RW_HEADS, Spec
@@ -374,9 +375,10 @@ class ViTTM(nn.Module):
 
     @torch.jit.unused
     def _shares_buffer(self, x: torch.Tensor) -> bool:
-        """Inference in eager mode (no autograd, not traced or compiled) with layers that can share one buffer."""
+        """Inference in eager mode (no autograd, not traced or compiled, no autocast: its per-op casts do not mix
+        with ``out=``) with layers that can share one buffer."""
         return (not torch.is_grad_enabled() and isinstance(x, torch.Tensor) and not isinstance(x, torch.fx.Proxy)
-                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and autocast_dtype(x) is None
                 and all(layer.shares_buffer for layer in self.layers))
 
     @torch.jit.unused
