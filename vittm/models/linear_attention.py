@@ -34,7 +34,7 @@ def reference(src: torch.Tensor, dst: torch.Tensor, residual: bool, q_w: torch.T
     k, v = F.linear(src, kv_w, kv_b).split([c, D], dim=-1)
     k = F.elu(k) + 1  # φ(k): (B, N, c)
     k_t = k.reshape(B, N, h, ch).permute(0, 2, 3, 1).reshape(B * h, ch, N)
-    ones = torch.ones(B, h, N, 1, dtype=v.dtype, device=v.device)
+    ones = v.new_ones(()).expand(B, h, N, 1)
     v1 = torch.cat([v.reshape(B, N, h, dh).transpose(1, 2), ones], dim=-1)  # [v | 1]: (B, h, N, D/h + 1)
     state = torch.bmm(k_t, v1.reshape(B * h, N, dh + 1))  # [Σ kᵀv | Σ k]: (B·h, c/h, D/h + 1)
     out = torch.bmm(q.reshape(B, M, h, ch).transpose(1, 2).reshape(B * h, M, ch), state)  # [num | den]

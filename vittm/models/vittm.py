@@ -48,6 +48,11 @@ def block_into(block: Block, x: torch.Tensor, out: torch.Tensor) -> None:
     torch.add(x, block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), out=out)
 
 
+@torch.jit.unused  # TorchScript never asks (ViTTMLayer.norm_both checks is_scripting first)
+def compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 def takes_residual(head: nn.Module) -> bool:
     """Whether a read/write head's forward has the ``residual`` flag (``dst + head(src, dst)``, see rw_heads.py)."""
     return "residual" in inspect.signature(head.forward).parameters
@@ -91,16 +96,32 @@ class ViTTMLayer(nn.Module):
 
     def forward(self, m: torch.Tensor, p: torch.Tensor, write: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         # m: (B, N_m, D), p: (B, N_p, D)
-        m, p = self.read_norm(m), self.read_norm(p)
+        m, p = self.norm_both(m, p, write=False)
         p = self.read(m, p, True) if self.read_adds else self.read_fuse(self.read(m, p), p)
         skip = m
         m = self.memory.encode(m)
         p = self.block(p)
         if not write:  # only the process head is wanted after the last layer: the write would be dead work
             return m, p
-        m, p = self.write_norm(m), self.write_norm(p)
+        m, p = self.norm_both(m, p, write=True)
         m = self.write(p, m, True) if self.write_adds else self.write_fuse(self.write(p, m), m)
         return self.memory.decode(m, skip), p
+
+    def norm_both(self, m: torch.Tensor, p: torch.Tensor, write: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One LayerNorm (Nr, or Nw with ``write``) applied to both streams. Under torch.compile the two are joined
+        first (``cat`` along the rows, then ``split``), which inductor fuses into a single norm over both streams,
+        forward and backward; in eager mode two calls, as the join would be a copy of both streams (measured: 2.4 %
+        slower training on CPU for 48 fewer kernels a step), and the inference path (``forward_shared``) keeps both
+        streams in one buffer instead."""
+        if torch.jit.is_scripting() or not compiling():
+            if write:
+                return self.write_norm(m), self.write_norm(p)
+            return self.read_norm(m), self.read_norm(p)
+        B, Nm, D = m.shape
+        joined = torch.cat([m.reshape(B * Nm, D), p.reshape(-1, D)])
+        y = self.write_norm(joined) if write else self.read_norm(joined)
+        y_m, y_p = y.split([B * Nm, y.shape[0] - B * Nm])
+        return y_m.view(B, Nm, D), y_p.view(B, -1, D)
 
     @torch.jit.unused
     def forward_shared(self, x: torch.Tensor, batch: int, num_memory: int, write: bool = True) -> torch.Tensor:
