@@ -8,6 +8,9 @@ process. Warm-up runs are excluded; latency is the median (and inter-quartile ra
 threads are pinned and reported. A reference matmul measured in the same run (fp32, or under the same bf16/fp16
 autocast as the models) gives the machine's attainable FLOP/s, against which each model's achieved FLOP/s
 (2 x MACs x batch / latency) is stated.
+Every row also has the cost meter's columns (``vittm.cost``): eager kernels and non-matmul bytes per step, and
+inductor's kernel count when compiled. ``bench.timer=blocked_autorange`` times each entry the authors' way instead of
+round-robin; ``preset=paper`` is their whole protocol (conf/preset/paper.yaml).
 Writes ``bench.csv``, ``bench.md`` and ``bench.png`` (throughput vs MACs, plus accuracy when ``bench.results``
 names a file of accuracies) into the run directory.
 """
