@@ -46,9 +46,9 @@ def layer_costs(**kwargs) -> tuple[int, int]:
         x = torch.randn(2, 3, *model.img_size)
         model.eval()
         with torch.no_grad():
-            infer = measure(lambda: model(x)).kernels
+            infer = measure(lambda m=model, t=x: m(t)).kernels
         model.train()
-        train = measure(lambda: sum(o.sum() for o in model.forward_both(x)).backward()).kernels
+        train = measure(lambda m=model, t=x: sum(o.sum() for o in m.forward_both(t)).backward()).kernels
         counts.append((infer, train))
     return counts[1][0] - counts[0][0], counts[1][1] - counts[0][1]
 

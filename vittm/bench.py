@@ -32,7 +32,6 @@ import psutil
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-
 from torch._inductor import config as inductor_config
 from torch._inductor import metrics as inductor_metrics
 
@@ -329,7 +328,8 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, results: str | None) ->
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     r0 = rows[0]
-    lines += ["", f"{r0['device']} {r0['dtype']}, compile={r0['compile']}, TF32 matmul {'on' if r0['tf32'] else 'off'}, "
+    tf32 = "on" if r0["tf32"] else "off"
+    lines += ["", f"{r0['device']} {r0['dtype']}, compile={r0['compile']}, TF32 matmul {tf32}, "
                   f"channels_last={r0['channels_last']}, {r0['threads']} threads, timer {r0['timer']}; reference "
                   f"{r0['dtype']} matmul {r0['matmul_gflops']} GFLOP/s", ""]
     if "kernels" in r0:

@@ -18,8 +18,9 @@ Written by hand: PyTorch's profilers time kernels but give no stable count to co
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -59,7 +60,7 @@ def written_tensors(func, args, kwargs, out) -> list[torch.Tensor]:
     which return nothing), else its outputs."""
     mutated = [a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     if mutated:
-        named = dict(zip((a.name for a in func._schema.arguments), args)) | (kwargs or {})
+        named = dict(zip((a.name for a in func._schema.arguments), args, strict=False)) | (kwargs or {})
         leaves = tree_leaves([named[n] for n in mutated if n in named])
     else:
         leaves = tree_leaves(out)

@@ -2,7 +2,7 @@
 written out (SPEC §4, same maths as ``reference``).
 
 Per head (h heads, batched as B·h): Q = φ(dst W_qᵀ + b_q) (M, c/h), K = φ(kv[:c]) (N, c/h), X = [V | 1] (N, D/h + 1),
-S = Kᵀ X (c/h, D/h + 1): [Σ kᵀv | Σ k]; O = Q S + [0 … 0, eps]: [numerator | denominator]; out = dst + num / den.
+S = Kᵀ X (c/h, D/h + 1): [Σ kᵀv | Σ k]; ND = Q S + [0 … 0, eps]: [numerator | denominator]; out = dst + num / den.
 
 Why by hand (autograd's version of the same ops launches about twice the kernels, measured with ``vittm.cost``):
 - Inside a Function the forward and backward run without autograd, so element-wise ops can write straight into the
@@ -51,7 +51,7 @@ def kernels(src: torch.Tensor, dst: torch.Tensor, q_w: torch.Tensor, q_b: torch.
     ``out``: where to write y (any (B, M, D) view, e.g. a slice of the model's stream buffer); fresh if None.
     ``base``: the residual, when it is ``dst`` in another dtype (autocast: dst cast for the matmuls, the residual
     stream kept in fp32); y then has its dtype.
-    ``consts`` = [0, …, 0, eps, 1] (D/h + 2,): its first D/h + 1 entries are O's bias, its last X's ones column.
+    ``consts`` = [0, …, 0, eps, 1] (D/h + 2,): its first D/h + 1 entries are ND's bias, its last X's ones column.
     ``save``: keep φ(q), φ(k) for the backward (otherwise φ's "+ 1" is folded into the matmuls, saving two writes)."""
     B, N, D = src.shape
     M, h, c = dst.shape[1], num_heads, q_w.shape[0]
@@ -70,21 +70,21 @@ def kernels(src: torch.Tensor, dst: torch.Tensor, q_w: torch.Tensor, q_b: torch.
     if save:  # φ = elu + 1 in place: the backward needs φ itself
         Q.add_(1), K.add_(1)
         S = torch.bmm(K3.transpose(1, 2), X3)  # (B·h, c/h, D/h + 1)
-        O = torch.baddbmm(consts[:-1], Q3, S)  # [num | den + eps]
+        ND = torch.baddbmm(consts[:-1], Q3, S)  # [num | den + eps]
     else:  # inference: the "+ 1" folded into the matmuls' bias, φᵀX = elu(K)ᵀX + 1ᵀX and φS = elu(Q)S + 1ᵀS
         S = torch.baddbmm(X3.sum(1, keepdim=True), K3.transpose(1, 2), X3)
         bias = torch.baddbmm(consts[:-1], consts[-1:].expand(B * h, 1, ch), S)  # 1ᵀS + [0 … eps]: (B·h, 1, ·)
-        O = torch.baddbmm(bias, Q3, S)
-    O = O.view(B, h, M, dh + 1)
+        ND = torch.baddbmm(bias, Q3, S)
+    ND = ND.view(B, h, M, dh + 1)
     base2 = dst2 if base is None else base.reshape(B * M, D)
     y = (base2 if residual else q).new_empty(B, M, D) if out is None else out
     y4 = y.view(B, M, h, dh)
-    num, den = O[..., :dh].transpose(1, 2), O[..., dh:].transpose(1, 2)  # (B, M, h, D/h), (B, M, h, 1)
+    num, den = ND[..., :dh].transpose(1, 2), ND[..., dh:].transpose(1, 2)  # (B, M, h, D/h), (B, M, h, 1)
     if residual:
         torch.addcdiv(base2.view(B, M, h, dh), num, den, out=y4)
     else:
         torch.div(num, den, out=y4)
-    return y, (src2, dst2, q_w, kv_w, q, kv, Q, K, X, S, O, consts)
+    return y, (src2, dst2, q_w, kv_w, q, kv, Q, K, X, S, ND, consts)
 
 
 class LinearAttention(torch.autograd.Function):
@@ -104,24 +104,24 @@ class LinearAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        src2, dst2, q_w, kv_w, q, kv, Q, K, X, S, O, consts = ctx.saved_tensors
-        B, h, M, dh1 = O.shape
+        src2, dst2, q_w, kv_w, q, kv, Q, K, X, S, ND, consts = ctx.saved_tensors
+        B, h, M, dh1 = ND.shape
         N, ch, dh, c = K.shape[2], K.shape[3], dh1 - 1, q_w.shape[0]
         D = h * dh
         need = ctx.needs_input_grad
         grad2 = grad.reshape(B * M, D)
-        graded = grad2.to(O.dtype)  # (a no-op unless autocast: the residual's gradient is fp32, the matmuls' bf16)
-        # gradient of O = [num | den] (B, h, M, D/h + 1): num gets grad / den, den gets -Σ_j grad_j num_j / den²
-        gO = O.new_empty(B, h, M, dh1)
-        den = O[..., dh:]
-        torch.div(graded.view(B, M, h, dh).transpose(1, 2), den, out=gO[..., :dh])
+        graded = grad2.to(ND.dtype)  # (a no-op unless autocast: the residual's gradient is fp32, the matmuls' bf16)
+        # gradient of ND = [num | den] (B, h, M, D/h + 1): num gets grad / den, den gets -Σ_j grad_j num_j / den²
+        g_nd = ND.new_empty(B, h, M, dh1)
+        den = ND[..., dh:]
+        torch.div(graded.view(B, M, h, dh).transpose(1, 2), den, out=g_nd[..., :dh])
         # Σ_j gO_j num_j for every (b, h, m) as one batched (1 x D/h) @ (D/h x 1) matmul (rows D/h + 1 apart)
         rows = B * h * M
-        dot = torch.bmm(gO.view(rows, 1, dh1)[..., :dh], O.reshape(rows, dh1, 1)[:, :dh]).view(B, h, M, 1)
-        torch.addcdiv(consts[:1], dot, den, value=-1, out=gO[..., dh:])  # 0 - dot / den
-        gO3 = gO.view(B * h, M, dh1)
-        gS = torch.bmm(Q.view(B * h, M, ch).transpose(1, 2), gO3)  # (B·h, c/h, D/h + 1)
-        gQ = torch.bmm(gO3, S.transpose(1, 2))  # (B·h, M, c/h)
+        dot = torch.bmm(g_nd.view(rows, 1, dh1)[..., :dh], ND.reshape(rows, dh1, 1)[:, :dh]).view(B, h, M, 1)
+        torch.addcdiv(consts[:1], dot, den, value=-1, out=g_nd[..., dh:])  # 0 - dot / den
+        g_nd3 = g_nd.view(B * h, M, dh1)
+        gS = torch.bmm(Q.view(B * h, M, ch).transpose(1, 2), g_nd3)  # (B·h, c/h, D/h + 1)
+        gQ = torch.bmm(g_nd3, S.transpose(1, 2))  # (B·h, M, c/h)
         gq = q.new_empty(B * M, c)  # φ'(q) ⊙ gQ, written token-major for the projection's gradients
         torch.ops.aten.elu_backward.grad_input(
             gQ.view(B, h, M, ch).transpose(1, 2), 1, 1, 1, False, q.view(B, M, h, ch), grad_input=gq.view(B, M, h, ch))

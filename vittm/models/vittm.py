@@ -25,10 +25,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vittm.models.checks import check_config, check_global_pool, check_input_size, grid_pos_table
+from vittm.models.embed import PatchProcessEmbed, embed_patches, patchify
 from vittm.models.fusion import ResidualFusion
 from vittm.models.linear_attention import autocast_dtype
 from vittm.models.memory import NoMemoryBlock
-from vittm.models.embed import PatchProcessEmbed, embed_patches, patchify
 from vittm.registry import FUSIONS, MEMORY_BLOCKS, PROCESS_EMBEDS, RW_HEADS, Spec
 
 EvalHead = Literal["memory", "process", "mean"]
