@@ -38,7 +38,7 @@ from torch._inductor import metrics as inductor_metrics
 from vittm.cost import measure
 from vittm.errors import ConfigError
 from vittm.flops import count_macs, count_params
-from vittm.lit import COMPILE_MODES, compile_options, is_compile_setting
+from vittm.lit import COMPILE_MODES, compile_options, is_compile_setting, resolve_compile
 from vittm.models import ViTTM, create_model
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -173,21 +173,13 @@ def meter_columns(parts: dict[str, Any], batch: int, sync) -> dict[str, Any]:
             "optim_kernels": opt.kernels, "optim_MB": round(opt.bytes / 1e6, 1)}
 
 
-def resolve_compile(setting: Any, device: torch.device) -> bool | str:
-    """``auto``: the fastest setting measured on that kind of device (README "Performance"): CUDA graphs
-    (``reduce-overhead``) on a GPU, eager on CPU."""
-    if setting == "auto":
-        return "reduce-overhead" if device.type == "cuda" else False
-    return setting
-
-
 def time_blocked(fn, min_run_time: float) -> list[float]:
     """The authors' protocol (their benchmark.py): torch.utils.benchmark's ``blocked_autorange`` over a window of
     ``min_run_time`` seconds; the per-run times of its blocks."""
     from torch.utils import benchmark
 
     measurement = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    return [t for t in measurement.times]
+    return list(measurement.times)
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -202,7 +194,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     bad_modes = [m for m in b.modes if m not in ("inference", "train")]
     if bad_modes or not b.models or not b.batch_sizes or min(b.batch_sizes) < 1:
         raise ConfigError("bench.modes must be inference/train, bench.models and bench.batch_sizes non-empty (>= 1)")
-    if b.compile != "auto" and not is_compile_setting(b.compile):
+    if not is_compile_setting(b.compile, auto=True):
         raise ConfigError(f"bench.compile={b.compile!r}: choose auto, true, false or a torch.compile mode "
                           f"{COMPILE_MODES}")
     if b.timer not in TIMERS:
@@ -217,7 +209,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     if b.tf32 is not None:  # fp32 GEMMs and convolutions on a GPU
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(b.tf32)
     tf32 = torch.backends.cuda.matmul.allow_tf32
-    compile_setting = resolve_compile(b.compile, device)
+    compile_setting = resolve_compile(b.compile, cuda=device.type == "cuda")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dtype = DTYPES[b.dtype]
 

@@ -45,10 +45,15 @@ class Cost:
     bytes_by_op: Counter = field(default_factory=Counter)  # op name -> bytes
 
 
+def mutated_args(func) -> list[str]:
+    """The names of the arguments an op writes (in-place and ``out=`` ops)."""
+    return [a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+
+
 def returns_an_input(func, args, out) -> bool:
     """An op that hands back one of its inputs unchanged (e.g. ``dropout`` in eval mode under inference_mode, where
     composite ops reach the meter before they decompose) did no work; in-place ops are not this case."""
-    if any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments):
+    if mutated_args(func):
         return False
     inputs = {id(t) for t in tree_leaves(args) if isinstance(t, torch.Tensor)}
     outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
@@ -58,7 +63,7 @@ def returns_an_input(func, args, out) -> bool:
 def written_tensors(func, args, kwargs, out) -> list[torch.Tensor]:
     """The tensors an op writes: the arguments it mutates (in-place and ``out=`` ops, including ``_foreach_*_``,
     which return nothing), else its outputs."""
-    mutated = [a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    mutated = mutated_args(func)
     if mutated:
         named = dict(zip((a.name for a in func._schema.arguments), args, strict=False)) | (kwargs or {})
         leaves = tree_leaves([named[n] for n in mutated if n in named])

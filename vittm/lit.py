@@ -64,8 +64,17 @@ def apply_freeze(net: nn.Module, mode: str) -> None:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
-def is_compile_setting(value: Any) -> bool:
-    return isinstance(value, bool) or value in COMPILE_MODES
+def is_compile_setting(value: Any, auto: bool = False) -> bool:
+    """false, true or a torch.compile mode; with ``auto``, also ``"auto"`` (see ``resolve_compile``)."""
+    return isinstance(value, bool) or value in COMPILE_MODES or (auto and value == "auto")
+
+
+def resolve_compile(setting: bool | str, cuda: bool) -> bool | str:
+    """``auto``: the fastest setting measured on that kind of device (README "Performance"): CUDA graphs
+    (``reduce-overhead``) on a GPU, eager on CPU; any other setting as it is."""
+    if setting == "auto":
+        return "reduce-overhead" if cuda else False
+    return setting
 
 
 def compile_options(compile: bool | str, **extra: Any) -> dict[str, Any] | None:
@@ -160,12 +169,14 @@ class ViTTMModule(L.LightningModule):
         self.__dict__["_run"] = torch.compile(live, **options) if options else live
         self.__dict__["_run_ema"] = torch.compile(ema, **options) if options else ema
 
+    def _logits(self, net: nn.Module, x: torch.Tensor) -> Any:
+        return net.forward_both(x) if self.two_heads else net(x)
+
     def _forward_raw(self, x: torch.Tensor) -> Any:
-        return self.net.forward_both(x) if self.two_heads else self.net(x)
+        return self._logits(self.net, x)
 
     def _forward_ema(self, x: torch.Tensor) -> Any:
-        net = self.ema.module
-        return net.forward_both(x) if self.two_heads else net(x)
+        return self._logits(self.ema.module, x)
 
     def _call(self, runner: Callable, x: torch.Tensor) -> Any:
         if not self.cuda_graphs:

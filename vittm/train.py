@@ -42,7 +42,7 @@ from vittm.checkpoints import (
 )
 from vittm.data import ImageDataModule
 from vittm.flops import count_macs, count_params
-from vittm.lit import NonFiniteError, ViTTMModule, ema_state_dict
+from vittm.lit import NonFiniteError, ViTTMModule, ema_state_dict, resolve_compile
 from vittm.models import load_weights
 from vittm.validate import ConfigError, check_checkpoint, check_data_size, training_checkpoint, validate
 
@@ -336,7 +336,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError(str(err)) from err
         print(f"ckpt_path: {report}", file=sys.stderr)
     trainer = build_trainer(cfg, [], [])
-    compile_setting = eval_compile(cfg.get("eval_compile", "auto"), trainer)
+    on_cuda = isinstance(trainer.accelerator, CUDAAccelerator)
+    compile_setting = resolve_compile(cfg.get("eval_compile", "auto"), cuda=on_cuda)
     module.set_compile(compile_setting)
     print(f"eval_compile: {compile_setting}", file=sys.stderr)
     trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -354,14 +355,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def _num(value: Any) -> float | None:
     return None if value is None else round(float(value), 6)
-
-
-def eval_compile(setting: bool | str, trainer: L.Trainer) -> bool | str:
-    """``auto``: CUDA graphs (``reduce-overhead``, the fastest setting measured on a GPU, README "Performance") when
-    the trainer runs on CUDA, eager otherwise."""
-    if setting != "auto":
-        return setting
-    return "reduce-overhead" if isinstance(trainer.accelerator, CUDAAccelerator) else False
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, float]:

@@ -59,7 +59,7 @@ def validate(cfg: DictConfig) -> None:
     need(is_compile_setting(cfg.compile), "compile", cfg.compile,
          f"true, false or a torch.compile mode: {list(COMPILE_MODES)}")
     eval_compile = cfg.get("eval_compile", "auto")
-    need(eval_compile == "auto" or is_compile_setting(eval_compile), "eval_compile", eval_compile,
+    need(is_compile_setting(eval_compile, auto=True), "eval_compile", eval_compile,
          f"auto, true, false or a torch.compile mode: {list(COMPILE_MODES)}")
     need(isinstance(cfg.preemption.requeue, bool), "preemption.requeue", cfg.preemption.requeue, "true or false")
     ck = cfg.checkpoint

@@ -110,12 +110,12 @@ class LinearAttention(torch.autograd.Function):
         D = h * dh
         need = ctx.needs_input_grad
         grad2 = grad.reshape(B * M, D)
-        graded = grad2.to(ND.dtype)  # (a no-op unless autocast: the residual's gradient is fp32, the matmuls' bf16)
+        grad_c = grad2.to(ND.dtype)  # compute dtype (a no-op unless autocast: the residual's gradient is fp32)
         # gradient of ND = [num | den] (B, h, M, D/h + 1): num gets grad / den, den gets -Σ_j grad_j num_j / den²
         g_nd = ND.new_empty(B, h, M, dh1)
         den = ND[..., dh:]
-        torch.div(graded.view(B, M, h, dh).transpose(1, 2), den, out=g_nd[..., :dh])
-        # Σ_j gO_j num_j for every (b, h, m) as one batched (1 x D/h) @ (D/h x 1) matmul (rows D/h + 1 apart)
+        torch.div(grad_c.view(B, M, h, dh).transpose(1, 2), den, out=g_nd[..., :dh])
+        # Σ_j g_nd_j num_j for every (b, h, m) as one batched (1 x D/h) @ (D/h x 1) matmul (rows D/h + 1 apart)
         rows = B * h * M
         dot = torch.bmm(g_nd.view(rows, 1, dh1)[..., :dh], ND.reshape(rows, dh1, 1)[:, :dh]).view(B, h, M, 1)
         torch.addcdiv(consts[:1], dot, den, value=-1, out=g_nd[..., dh:])  # 0 - dot / den

@@ -48,6 +48,13 @@ def block_into(block: Block, x: torch.Tensor, out: torch.Tensor) -> None:
     torch.add(x, block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), out=out)
 
 
+def split_streams(buffer: torch.Tensor, batch: int, num_memory: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A shared-stream buffer (B·N_m + B·N_p, D), memory rows first -> (memory (B, N_m, D), process (B, N_p, D))
+    views."""
+    split, D = batch * num_memory, buffer.shape[1]
+    return buffer[:split].view(batch, num_memory, D), buffer[split:].view(batch, -1, D)
+
+
 @torch.jit.unused  # TorchScript never asks (ViTTMLayer.norm_both checks is_scripting first)
 def compiling() -> bool:
     return torch.compiler.is_compiling()
@@ -130,15 +137,14 @@ class ViTTMLayer(nn.Module):
         shared LayerNorm is one kernel over both. Every result is written over a tensor that is dead by then, so
         the layer allocates two buffers (the two norms' outputs) and returns the second, holding the new streams
         (the first without the write)."""
-        D, split = x.shape[1], batch * num_memory
         y = self.read_norm(x)  # Nr over both streams
-        m, p = y[:split].view(batch, num_memory, D), y[split:].view(batch, -1, D)
+        m, p = split_streams(y, batch, num_memory)
         self.read.add_into(m, p, out=p)  # p + read(m, p), over p (element-wise, so in place is safe)
         block_into(self.block, p, out=p)  # the ViT block's output over its input
         if not write:  # the process head only: the stream as the block left it
             return y
         z = self.write_norm(y)  # Nw over both streams; its output replaces both (SPEC §2)
-        zm, zp = z[:split].view(batch, num_memory, D), z[split:].view(batch, -1, D)
+        zm, zp = split_streams(z, batch, num_memory)
         self.write.add_into(zp, zm, out=zm)  # Nw(m) + write(Nw(p), Nw(m)), over Nw(m)
         return z
 
@@ -398,7 +404,7 @@ class ViTTM(nn.Module):
     def _shares_buffer(self, x: torch.Tensor) -> bool:
         """Inference in eager mode (no autograd, not traced or compiled, no autocast: its per-op casts do not mix
         with ``out=``) with layers that can share one buffer."""
-        return (not torch.is_grad_enabled() and isinstance(x, torch.Tensor) and not isinstance(x, torch.fx.Proxy)
+        return (not torch.is_grad_enabled() and isinstance(x, torch.Tensor)  # (an fx Proxy is not a Tensor)
                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and autocast_dtype(x) is None
                 and all(layer.shares_buffer for layer in self.layers))
 
@@ -408,12 +414,13 @@ class ViTTM(nn.Module):
         m, p, m_pos, p_pos = self.tokens(x)
         B, Nm, D = m.shape
         buffer = m.new_empty(B * (Nm + p.shape[1]), D)
-        torch.add(m, m_pos, out=buffer[: B * Nm].view(m.shape))  # the position adds fill the buffer
-        torch.add(p, p_pos, out=buffer[B * Nm :].view(p.shape))
+        m_rows, p_rows = split_streams(buffer, B, Nm)
+        torch.add(m, m_pos, out=m_rows)  # the position adds fill the buffer
+        torch.add(p, p_pos, out=p_rows)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             buffer = layer.forward_shared(buffer, B, Nm, write=write_last or i < last)
-        return buffer[: B * Nm].view(B, Nm, D), buffer[B * Nm :].view(B, -1, D)
+        return split_streams(buffer, B, Nm)
 
     def pool(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over tokens (``global_pool='avg'``; ``''`` keeps the tokens), then each head's LayerNorm."""
