@@ -32,7 +32,7 @@ from vittm.checkpoints import (
 from vittm.data.bad_images import UnreadableImageError
 from vittm.lit import NonFiniteError, ViTTMModule
 from vittm.models import read_state_dict
-from vittm.train import evaluate, train, usr1_means_sigterm
+from vittm.train import StopSignals, evaluate, train
 from vittm.validate import ConfigError
 
 # Every source of randomness in play: data order, per-image crop and flip, drop-path, mixup (numpy), EMA.
@@ -120,17 +120,20 @@ def test_sigkill_after_an_epoch_then_resume_auto_is_exact(tmp_path, straight, ca
 
 
 # ---------------------------------------------------------------------------------------- SIGTERM/SIGUSR1
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)],
-                         ids=["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "Ctrl-C", "SIGUSR1"])
 def test_preemption_signal_saves_and_the_run_resumes_exactly(tmp_path, straight, capsys, sig):
     target = random.randint(5, 110)
     proc = start_cli(tmp_path, *EXACT, "checkpoint.every_n_steps=5", f"hydra.run.dir={tmp_path / 'run'}")
     ckpts = tmp_path / "run" / "checkpoints"
     wait_for(proc, lambda: any(step_of(p) >= target for p in ckpts.glob("step-*.ckpt")), f"step {target}")
     proc.send_signal(sig)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    ctrl_c = sig == signal.SIGINT  # saves like SIGTERM, says so, exits 130 as an interrupted command does
+    assert proc.wait(timeout=120) == 128 + (signal.SIGINT if ctrl_c else signal.SIGTERM)
     err = (tmp_path / "stderr.txt").read_text()
-    assert re.search(r"preempted at step \d+: saved .*preempted\.ckpt; run the same command with resume=auto", err)
+    said = "stopped by Ctrl-C" if ctrl_c else "preempted"
+    assert re.search(rf"{said} at step \d+: saved .*preempted\.ckpt; to continue, run the same command with "
+                     rf"resume=auto hydra.run.dir=", err)
     saved = load_checkpoint(ckpts / "preempted.ckpt")
     assert target <= saved["global_step"] < 2 * STEPS_PER_EPOCH
 
@@ -144,7 +147,7 @@ def test_sigusr1_is_handled_as_sigterm_outside_slurm(monkeypatch):
     received = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     try:
-        with usr1_means_sigterm(compose_cfg(Path("/tmp"), *TINY)):
+        with StopSignals(compose_cfg(Path("/tmp"), *TINY)):
             os.kill(os.getpid(), signal.SIGUSR1)
             time.sleep(0.1)  # the handlers run between bytecodes
         assert received == [signal.SIGTERM]

@@ -16,6 +16,7 @@ disk stays the last good one.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -103,6 +104,7 @@ class ViTTMModule(L.LightningModule):
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite={nonfinite!r}: choose one of {list(NONFINITE)}")
         self.save_hyperparameters()
+        self.fit_plan: dict[str, Any] | None = None  # warmup and EMA decay as fitted to the run (fit_to_run)
         self.nonfinite_skipped = 0  # updates skipped for a non-finite loss or gradient (kept in checkpoints)
         self.net = create_model(**model)
         apply_freeze(self.net, freeze)
@@ -130,7 +132,8 @@ class ViTTMModule(L.LightningModule):
 
         k = min(5, self.num_classes)
         self.metrics = nn.ModuleDict()
-        for prefix in ("val", "val_ema") if self.ema is not None else ("val",):
+        prefixes = ("val", "val_ema", "test", "test_ema") if self.ema is not None else ("val", "test")
+        for prefix in prefixes:
             for head in self.head_names + [""]:
                 for top in (1, 5):
                     self.metrics[self.metric_key(prefix, head, top)] = MulticlassAccuracy(
@@ -142,6 +145,13 @@ class ViTTMModule(L.LightningModule):
     @property
     def head_names(self) -> list[str]:
         return ["memory", "process"] if self.two_heads else []
+
+    @property
+    def supervised_heads(self) -> list[str]:
+        """The heads whose losses are summed: both (SPEC §3), or one (``loss.heads=memory``: the supervision of a
+        one-head ViT, for matched comparisons); a baseline's only output is ``""``."""
+        chosen = self.hparams.loss.get("heads", "all")
+        return (self.head_names if chosen == "all" else [chosen]) if self.two_heads else [""]
 
     @staticmethod
     def metric_key(prefix: str, head: str, top: int) -> str:
@@ -210,8 +220,7 @@ class ViTTMModule(L.LightningModule):
         if self.mixup is not None:
             x, target = self.mixup(x, y)
         out = self.outputs(x)
-        heads = self.head_names or [""]
-        losses = {h: self.criterion(out[h], target) for h in heads}
+        losses = {h: self.criterion(out[h], target) for h in self.supervised_heads}
         loss = sum(losses.values())
         if self.nonfinite_found("loss", loss, f"batch {batch_idx}"):
             return None  # Lightning skips backward and this micro-batch's share of the update
@@ -258,10 +267,17 @@ class ViTTMModule(L.LightningModule):
 
     # --------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None, batch_idx: int) -> None:
+        self._score(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None, batch_idx: int) -> None:
+        self._score(batch, "test")  # the test split, once at the end (vittm.data.datamodule: three splits)
+
+    def _score(self, batch: tuple[torch.Tensor, torch.Tensor] | None, stage: str) -> None:
+        """Top-1/top-5 of every head and the loss, live and EMA, logged as ``<stage>/...`` and ``<stage>_ema/...``."""
         if batch is None:  # every image of this batch was unreadable (vittm.data.bad_images)
             return
         x, y = batch
-        nets = [("val", False)] + ([("val_ema", True)] if self.ema is not None else [])
+        nets = [(stage, False)] + ([(f"{stage}_ema", True)] if self.ema is not None else [])
         for prefix, ema in nets:
             out = self.outputs(x, ema)
             heads = self.head_names or [""]
@@ -271,7 +287,8 @@ class ViTTMModule(L.LightningModule):
                 for top in (1, 5):
                     self.metrics[self.metric_key(prefix, head, top)].update(logits, y)
         for key, metric in self.metrics.items():  # logged as Metric objects: Lightning syncs, computes and resets
-            self.log(key.replace("|", "/"), metric, on_step=False, on_epoch=True, prog_bar=key == "val|acc1")
+            if key.split("|")[0] in (stage, f"{stage}_ema"):
+                self.log(key.replace("|", "/"), metric, on_step=False, on_epoch=True, prog_bar=key == f"{stage}|acc1")
 
     # ---------------------------------------------------------------------------------- optimizer, schedule
     def configure_optimizers(self) -> dict[str, Any]:
@@ -285,7 +302,15 @@ class ViTTMModule(L.LightningModule):
         by_epochs = self.trainer.max_steps in (-1, None) and (self.trainer.max_epochs or 0) > 0
         if planned and by_epochs:  # a run meant to stop early: the schedule keeps its planned length
             total = total * planned // self.trainer.max_epochs
-        sched = build_scheduler(opt, self.hparams.schedule, max(1, total))
+        total = max(1, total)
+        self.fit_plan = fit_to_run(self.hparams.schedule, self.hparams.ema or {}, total)
+        notes = self.fit_plan.pop("notes")
+        if self.trainer.is_global_zero:  # on the console, not only in run.log: the run differs from its recipe
+            for line in notes:
+                print(line, file=sys.stderr)
+        if self.ema is not None:
+            self.ema.decay = self.fit_plan["ema_decay"]
+        sched = build_scheduler(opt, {**self.hparams.schedule, "warmup_steps": self.fit_plan["warmup_steps"]}, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
@@ -307,6 +332,34 @@ class ViTTMModule(L.LightningModule):
         state = checkpoint.get("state_dict", {})
         if any("_orig_mod." in k for k in state):
             checkpoint["state_dict"] = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+
+
+def fit_to_run(schedule: Mapping[str, Any], ema: Mapping[str, Any], total_steps: int) -> dict[str, Any]:
+    """Warmup and EMA decay that fit a run of ``total_steps`` optimizer steps, with a console line for each change.
+
+    A recipe's 200 warmup steps in a 40-step run would put the peak learning rate on the last step and never decay
+    it; an EMA of decay 0.999 averages over ~1,000 steps, so over 40 it is mostly the initial weights. So the warmup
+    is cut to ``schedule.max_warmup_fraction`` of the run and the EMA's horizon 1/(1 - decay) to
+    ``ema.max_horizon_fraction`` of it; a long run keeps its recipe's values (the default run: 200 of 3,432 steps,
+    decay 0.999 = 1,000 of 3,432). Set either fraction to 1 to keep the recipe's value whatever the run's length.
+    """
+    notes = []
+    warmup = int(schedule["warmup_steps"])
+    cap = int(schedule.get("max_warmup_fraction", 1.0) * total_steps)
+    if warmup > cap:
+        notes.append(f"schedule: {warmup} warmup steps do not fit a run of {total_steps} optimizer steps; warming up "
+                     f"over {cap} (schedule.max_warmup_fraction={schedule.get('max_warmup_fraction')}), then decaying")
+        warmup = cap
+    decay = float(ema.get("decay", 0.0)) if ema.get("enabled") else None
+    if decay is not None:
+        horizon = max(1.0, ema.get("max_horizon_fraction", 1.0) * total_steps)
+        if 1 / (1 - decay) > horizon:
+            fitted = round(1 - 1 / horizon, 6)
+            notes.append(f"ema: decay {decay} averages over ~{1 / (1 - decay):.0f} steps, more than this run's "
+                         f"{total_steps} allow; using {fitted} (ema.max_horizon_fraction="
+                         f"{ema.get('max_horizon_fraction')})")
+            decay = fitted
+    return {"total_steps": total_steps, "warmup_steps": warmup, "ema_decay": decay, "notes": notes}
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Mapping[str, Any], total_steps: int) -> Any:

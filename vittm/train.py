@@ -19,8 +19,6 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +40,10 @@ from vittm.checkpoints import (
 )
 from vittm.data import ImageDataModule
 from vittm.flops import count_macs, count_params
+from vittm.guard import check_cpu_budget
 from vittm.lit import NonFiniteError, ViTTMModule, ema_state_dict, resolve_compile
 from vittm.models import load_weights
+from vittm.naming import components, config_choices, model_label, params_note
 from vittm.validate import ConfigError, check_checkpoint, check_data_size, training_checkpoint, validate
 
 
@@ -97,6 +97,16 @@ class BestMetrics(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best = dict(state_dict.get("best", {}))
+
+
+class ValidateAtMaxSteps(Callback):
+    """``trainer.max_steps`` reached mid-epoch: Lightning would stop without validating (an empty summary, nothing
+    for best.ckpt). Asking it to stop at that batch makes it validate first, as it does for early stopping, so
+    every run ends with a validation and its checkpoints."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
@@ -183,19 +193,39 @@ class PreemptionCheckpoint(Callback):
             self.saved = True
 
 
-@contextmanager
-def usr1_means_sigterm(cfg: DictConfig) -> Iterator[None]:
-    """SIGUSR1 (SLURM's advance warning) handled like SIGTERM, unless Lightning's SLURM auto-requeue owns it.
-    Without a handler SIGUSR1 would kill the process on the spot."""
-    lightning_owns = SLURMEnvironment.detect() and cfg.preemption.requeue
-    if lightning_owns or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+class StopSignals:
+    """SIGUSR1 (SLURM's advance warning) and the first Ctrl-C (SIGINT) handled like SIGTERM: Lightning stops at the
+    end of the current batch and PreemptionCheckpoint saves the full state. Without a handler SIGUSR1 would kill the
+    process on the spot, and Ctrl-C would raise KeyboardInterrupt mid-step, which Lightning turns into exit 1 with
+    nothing saved. A second Ctrl-C stops at once, without saving. SIGUSR1 is left to Lightning's SLURM auto-requeue
+    when that owns it."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.usr1 = not (SLURMEnvironment.detect() and cfg.preemption.requeue)
+        self.ctrl_c = False  # whether the stop came from Ctrl-C (exit 130) rather than SIGTERM/SIGUSR1 (143)
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
+            return self
+        if self.usr1:
+            self.previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._as_sigterm)
+        self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._ctrl_c)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _as_sigterm(self, signum: int, frame: Any) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _ctrl_c(self, signum: int, frame: Any) -> None:
+        self.ctrl_c = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl-C raises KeyboardInterrupt
+        print("\nCtrl-C: saving the training state at the end of this batch (Ctrl-C again: stop without saving)",
+              file=sys.stderr, flush=True)
+        self._as_sigterm(signum, frame)
 
 
 def resolve_resume(cfg: DictConfig) -> None:
@@ -230,6 +260,7 @@ def prepare(cfg: DictConfig) -> tuple[L.LightningDataModule, int]:
     train_set = getattr(datamodule, "train_set", None)
     if cfg.mode == "train" and train_set is not None:
         check_data_size(cfg, len(train_set))
+        check_cpu_budget(cfg, len(train_set))
     return datamodule, num_classes
 
 
@@ -251,7 +282,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     save = cfg.checkpoint.save
     checkpoints = checkpoint_callbacks(cfg, ckpt_dir, module.two_heads, module.ema is not None) if save else []
     timer, best = TrainTimer(), BestMetrics()
-    trainer = build_trainer(cfg, [*checkpoints, timer, best], build_loggers(cfg))
+    trainer = build_trainer(cfg, [*checkpoints, timer, best, ValidateAtMaxSteps()], build_loggers(cfg))
     if trainer.is_global_zero:
         for lg in trainer.loggers:  # the full resolved config, once per run
             lg.log_hyperparams(plain(cfg))
@@ -264,9 +295,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             return json.loads(done.read_text())
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final metrics it never wrote
 
+    final = final_metrics(trainer)
+    if not final:  # e.g. trainer.limit_val_batches=0: the summary must not be empty
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        final = final_metrics(trainer)
+    if trainer.is_global_zero and save and cfg.checkpoint.export_ema:  # the final EMA weights, before any test
+        save_weights(ema_state_dict(module), ckpt_dir / f"ema_weights.{cfg.checkpoint.export_format}")
+    test, tested = run_test(trainer, module, datamodule, checkpoints)
     result = {
         "mode": "train",
-        "final": final_metrics(trainer),
+        "final": final,  # the validation split at the end of training
+        "test": test,  # the test split, once, with the selected checkpoint (test_ckpt)
+        "test_ckpt": tested,
+        "splits": datamodule.split_sizes if isinstance(datamodule, ImageDataModule) else None,
+        "fit": module.fit_plan,  # warmup and EMA decay as fitted to the run's length
         "best": {k: _num(v) for k, v in sorted(best.best.items())},  # max over the validations of this run
         "epochs": trainer.current_epoch, "steps": trainer.global_step,
         "train_seconds": round(timer.seconds, 2),
@@ -277,8 +319,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if isinstance(datamodule, ImageDataModule):
         result["bad_images"] = len(datamodule.bad_images())
     if trainer.is_global_zero:
-        if save and cfg.checkpoint.export_ema:
-            save_weights(ema_state_dict(module), ckpt_dir / f"ema_weights.{cfg.checkpoint.export_format}")
         result.update(describe(cfg, module, num_classes))
         write_metrics(out_dir, result)
         print(summary(result))
@@ -286,12 +326,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+def run_test(trainer: L.Trainer, module: ViTTMModule, datamodule: L.LightningDataModule,
+             checkpoints: list[Callback]) -> tuple[dict[str, float] | None, str | None]:
+    """The test split, evaluated once at the end with the checkpoint the validation split selected (``best.ckpt``,
+    by ``checkpoint.monitor``: its live weights give ``test/...``, its EMA weights ``test_ema/...``); with
+    ``checkpoint.save=false``, the final weights. None when validation already is the test split (val_split=0)."""
+    if not (isinstance(datamodule, ImageDataModule) and datamodule.has_test()):
+        return None, None
+    selected = checkpoints[0].best_model_path if checkpoints else ""
+    trainer.test(module, datamodule=datamodule, ckpt_path=selected or None, verbose=False, weights_only=True)
+    test = {k: _num(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("test")}
+    return test, selected or "final weights"
+
+
 def fit(cfg: DictConfig, trainer: L.Trainer, module: ViTTMModule, datamodule: L.LightningDataModule,
         callbacks: list[Callback]) -> None:
     """``trainer.fit``, turning a pre-emption into exit status 143 (128 + SIGTERM) and naming the last good checkpoint
     when the numbers went non-finite."""
+    stops = StopSignals(cfg)
     try:
-        with usr1_means_sigterm(cfg), warnings.catch_warnings():
+        with stops, warnings.catch_warnings():
             if isinstance(datamodule, ImageDataModule):  # it restores its loader's place itself (vittm.data.resume),
                 # which Lightning cannot see: its warning about a non-resumable loader does not apply
                 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
@@ -302,30 +356,75 @@ def fit(cfg: DictConfig, trainer: L.Trainer, module: ViTTMModule, datamodule: L.
         saved = [cb.path for cb in callbacks if isinstance(cb, PreemptionCheckpoint) and cb.saved]
         if trainer.is_global_zero:
             where = f"saved {saved[0]}" if saved else "no checkpoint saved (checkpoint.save=false)"
-            print(f"preempted at step {trainer.global_step}: {where}; run the same command with resume=auto "
-                  f"(and the same hydra.run.dir) to continue", file=sys.stderr)
-        raise SystemExit(128 + signal.SIGTERM) from None
+            print(f"{'stopped by Ctrl-C' if stops.ctrl_c else 'preempted'} at step {trainer.global_step}: {where}; "
+                  f"to continue, run the same command with resume=auto hydra.run.dir={cfg.output_dir}",
+                  file=sys.stderr)
+        raise SystemExit(128 + (signal.SIGINT if stops.ctrl_c else signal.SIGTERM)) from None
     except NonFiniteError as err:
         kept = candidates(Path(cfg.output_dir)) if cfg.checkpoint.save else []
         last = f"the checkpoints are kept, the newest is {kept[0]}" if kept else "no checkpoint had been written yet"
         raise NonFiniteError(f"{err}; {last}; lower optimizer.lr, or set nonfinite=skip to skip such steps") from None
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """``mode=eval ckpt_path=...``: top-1/top-5 of both heads, live and EMA, on the configured data's val split.
+MODEL_GROUPS = ("model", "model_common", "rw_head", "fusion", "process_embed", "memory_block")
 
-    A training checkpoint of this framework brings its own model config. Any other weight file (an exported
-    ``ema_weights.safetensors``, the authors' checkpoint, a converted one) is loaded, exactly, into the configured
-    model (``model=... rw_head=...``): one set of weights, so there are no separate EMA rows."""
+
+def model_overrides(overrides: list[str]) -> list[str]:
+    """The command-line overrides that change the model config (``model=...``, ``rw_head=lin``, ``model.depth=2``)."""
+    return [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0].split("@")[0] in MODEL_GROUPS]
+
+
+def refuse_ignored_overrides(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> None:
+    """A training checkpoint brings its own model config; model overrides that disagree with it would be silently
+    ignored (and recorded in .hydra/config.yaml as if they had been used), so they are refused."""
+    asked = model_overrides(overrides)
+    if not asked:
+        return
+    wanted = {**plain(cfg.model), "num_classes": saved.get("num_classes")}
+    differ = sorted(k for k in set(wanted) | set(saved) if wanted.get(k) != saved.get(k))
+    if differ:
+        shown = ", ".join(f"model.{k}={saved.get(k)!r} (asked: {wanted.get(k)!r})" for k in differ[:4])
+        raise ConfigError(
+            f"ckpt_path={str(cfg.ckpt_path)!r} is a training checkpoint and brings its own model: {shown}; the "
+            f"overrides {' '.join(asked)} would be ignored. Drop them, or evaluate exported weights "
+            f"(checkpoints/ema_weights.safetensors) in another model"
+        )
+
+
+def beside_checkpoint(ckpt_path: str, split: str) -> Path:
+    """Where an evaluation's result is also written: in the checkpoint's run folder, ``eval_<ckpt>_<split>.json``
+    (numbered when one exists already: nothing is overwritten)."""
+    ckpt = Path(ckpt_path).resolve()
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    path, n = run / f"eval_{ckpt.stem}_{split}.json", 1
+    while path.exists():
+        path, n = run / f"eval_{ckpt.stem}_{split}-{n}.json", n + 1
+    return path
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """``mode=eval ckpt_path=...``: top-1/top-5 of both heads, live and EMA, on the configured data's test split
+    (``eval_split=val``: the held-out validation split).
+
+    A training checkpoint of this framework brings its own model config (model overrides that disagree are refused).
+    Any other weight file (an exported ``ema_weights.safetensors``, the authors' checkpoint, a converted one) is
+    loaded, exactly, into the configured model (``model=... rw_head=...``): one set of weights, so there are no
+    separate EMA rows. The result goes to the run folder's metrics.json and beside the checkpoint."""
     start = time.perf_counter()
     validate(cfg)
+    split = cfg.get("eval_split", "test")
+    if split not in ("test", "val"):
+        raise ConfigError(f"eval_split={split!r}: choose test (the test split) or val (the held-out validation split)")
     hparams = training_checkpoint(cfg.ckpt_path)
     with open_dict(cfg):
         if hparams is not None:  # the checkpoint's own model config (its img_size also sets the eval transforms)
+            refuse_ignored_overrides(cfg, hparams["model"], hydra_overrides())
             cfg.model = hparams["model"]
         else:
             cfg.ema.enabled = False
     datamodule, num_classes = prepare(cfg)
+    if split == "test" and isinstance(datamodule, ImageDataModule) and not datamodule.has_test():
+        split = "val"  # data.val_split=0: the validation split is the test split
     if hparams is not None:
         module = ViTTMModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=True)
     else:
@@ -340,17 +439,33 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     compile_setting = resolve_compile(cfg.get("eval_compile", "auto"), cuda=on_cuda)
     module.set_compile(compile_setting)
     print(f"eval_compile: {compile_setting}", file=sys.stderr)
-    trainer.validate(module, datamodule=datamodule, verbose=False)
-    result = {"mode": "eval", "ckpt_path": str(cfg.ckpt_path), "final": final_metrics(trainer),
+    (trainer.test if split == "test" else trainer.validate)(module, datamodule=datamodule, verbose=False)
+    metrics = {k: _num(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(split)}
+    result = {"mode": "eval", "ckpt_path": str(cfg.ckpt_path), "split": split,
+              "final": metrics if split == "val" else {}, "test": metrics if split == "test" else None,
               "eval_compile": compile_setting,
               "wall_seconds": round(time.perf_counter() - start, 2)}
     if isinstance(datamodule, ImageDataModule):
         result["bad_images"] = len(datamodule.bad_images())
+        result["splits"] = datamodule.split_sizes
     if trainer.is_global_zero:
         result.update(describe(cfg, module, num_classes))
         write_metrics(Path(cfg.output_dir), result)
+        beside = beside_checkpoint(cfg.ckpt_path, split)
+        beside.write_text(json.dumps(result, indent=2) + "\n")
+        result["beside_checkpoint"] = str(beside)
         print(summary(result))
+        print(f"also written beside the checkpoint: {beside}")
     return result
+
+
+def hydra_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not running under Hydra (tests calling train() directly)
+        return []
 
 
 def _num(value: Any) -> float | None:
@@ -364,14 +479,11 @@ def final_metrics(trainer: L.Trainer) -> dict[str, float]:
 def describe(cfg: DictConfig, module: ViTTMModule, num_classes: int) -> dict[str, Any]:
     size = (cfg.data.in_chans, cfg.model.img_size, cfg.model.img_size)
     net = module.net
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:  # not running under Hydra (tests calling train() directly)
-        overrides = []
+    overrides = hydra_overrides()
     return {
-        "status": "ok", "model": cfg.model.name, "dataset": cfg.data.dataset, "num_classes": num_classes,
+        "status": "ok", "model": cfg.model.name, "model_config": config_choices().get("model"),
+        "components": components(cfg.model), "label": model_label(cfg), "params_note": params_note(cfg, num_classes),
+        "dataset": cfg.data.dataset, "num_classes": num_classes,
         "params": count_params(net), "macs": count_macs(net, size), "overrides": overrides,
         "output_dir": str(cfg.output_dir),
     }
@@ -383,19 +495,33 @@ def write_metrics(out_dir: Path, result: dict[str, Any]) -> None:
 
 
 def summary(result: dict[str, Any]) -> str:
-    final = result["final"]
-    rows = [("memory", "val/memory"), ("process", "val/process"), ("memory (EMA)", "val_ema/memory"),
-            ("process (EMA)", "val_ema/process"), ("model(x)", "val/"), ("model(x) (EMA)", "val_ema/")]
-    lines = [f"\n{result['model']} on {result['dataset']}: {result['params'] / 1e6:.2f} M params, "
-             f"{result['macs'] / 1e9:.3f} GMACs/image", f"{'head':<16}{'top-1':>8}{'top-5':>8}"]
-    for label, key in rows:
-        sep = "" if key.endswith("/") else "_"
-        acc1, acc5 = final.get(f"{key}{sep}acc1"), final.get(f"{key}{sep}acc5")
-        if acc1 is not None:
-            lines.append(f"{label:<16}{100 * acc1:>8.2f}{100 * acc5:>8.2f}")
+    """The console table: top-1/top-5 per head on the validation split and, when there is one, the test split."""
+    val, test = result["final"], result.get("test") or {}
+    rows = [("memory", "memory_"), ("process", "process_"), ("model(x)", "")]
+    stages = [("val", val, "val"), ("val EMA", val, "val_ema")]
+    if test:
+        stages += [("test", test, "test"), ("test EMA", test, "test_ema")]
+    stages = [st for st in stages if any(k.startswith(st[2] + "/") for k in st[1])]
+    label = result.get("label") or result["model"]
+    lines = [f"\n{label}", f"{result['params'] / 1e6:.3g} M params ({result.get('params_note', '')}), "
+             f"{result['macs'] / 1e9:.3g} GMACs/image",
+             f"{'top-1 / top-5 %':<16}" + "".join(f"{name:>16}" for name, _, _ in stages)]
+    for head, key in rows:
+        cells = []
+        for _, metrics, prefix in stages:
+            acc1, acc5 = metrics.get(f"{prefix}/{key}acc1"), metrics.get(f"{prefix}/{key}acc5")
+            cells.append(f"{100 * acc1:>9.2f} {100 * acc5:>6.2f}" if acc1 is not None else f"{'':>16}")
+        if any(c.strip() for c in cells):
+            lines.append(f"{head:<16}" + "".join(cells))
+    if result.get("splits"):
+        sp = result["splits"]
+        lines.append(f"images: train {sp['train']}, val {sp['val']} ({sp['val_from']})"
+                     + (f", test {sp['test']}" if sp.get("test") else ""))
+    if result.get("test_ckpt"):
+        lines.append(f"test: once, with {result['test_ckpt']} (selected by the validation split)")
     if result["mode"] == "train":
         best = ", ".join(f"{k} {100 * v:.2f}" for k, v in result["best"].items() if v is not None)
-        lines.append(f"best: {best}")
+        lines.append(f"best validation: {best or 'none (no validation ran)'}")
         lines.append(f"{result['epochs']} epochs, {result['steps']} steps; training {result['train_seconds']:.0f} s "
                      f"({result['train_images_per_s']} images/s); total {result['wall_seconds']:.0f} s")
         if result.get("nonfinite_skipped"):
@@ -421,7 +547,8 @@ def main(cfg: DictConfig) -> float | None:
         result = train(cfg)
         return result["final"].get(cfg.checkpoint.monitor, result["final"].get("val/acc1"))
     if cfg.mode == "eval":
-        return evaluate(cfg)["final"].get("val/acc1")
+        result = evaluate(cfg)
+        return (result["test"] or result["final"]).get(f"{result['split']}/acc1")
     if cfg.mode == "summary":
         from vittm.summary import summarize
 

@@ -61,6 +61,11 @@ def validate(cfg: DictConfig) -> None:
     eval_compile = cfg.get("eval_compile", "auto")
     need(is_compile_setting(eval_compile, auto=True), "eval_compile", eval_compile,
          f"auto, true, false or a torch.compile mode: {list(COMPILE_MODES)}")
+    budget = cfg.get("cpu_budget_hours")
+    need(budget is None or (_number(budget) and budget > 0), "cpu_budget_hours", budget,
+         "a number of hours > 0, or null for no limit")
+    need(cfg.get("eval_split", "test") in ("test", "val"), "eval_split", cfg.get("eval_split"),
+         "choose test (the data's test split) or val (the held-out validation split)")
     need(isinstance(cfg.preemption.requeue, bool), "preemption.requeue", cfg.preemption.requeue, "true or false")
     ck = cfg.checkpoint
     need(_int(ck.every_n_steps) and ck.every_n_steps >= 0, "checkpoint.every_n_steps", ck.every_n_steps,
@@ -82,6 +87,9 @@ def validate(cfg: DictConfig) -> None:
     planned = s.get("total_epochs")
     need(planned is None or (_int(planned) and planned > 0), "schedule.total_epochs", planned,
          "must be an integer > 0, or null for trainer.max_epochs")
+    fraction = s.get("max_warmup_fraction", 1.0)
+    need(_number(fraction) and 0 <= fraction <= 1, "schedule.max_warmup_fraction", fraction,
+         "a share of the run's optimizer steps in [0, 1] (1: keep warmup_steps in any run)")
     for key in ("warmup_lr", "min_lr"):
         need(_number(s.get(key, 0)) and s.get(key, 0) >= 0, f"schedule.{key}", s.get(key), "must be a number >= 0")
 
@@ -108,6 +116,8 @@ def validate(cfg: DictConfig) -> None:
 
     loss = cfg.loss
     need(loss.name in LOSSES, "loss.name", loss.name, f"choose one of {list(LOSSES)}")
+    need(loss.get("heads", "all") in ("all", "memory", "process"), "loss.heads", loss.get("heads"),
+         "choose all (both heads' losses, SPEC §3), memory or process")
     smooth = loss.get("label_smoothing", 0.0)
     need(_number(smooth) and 0 <= smooth < 1, "loss.label_smoothing", smooth, "must be in [0, 1)")
 
@@ -131,6 +141,9 @@ def validate(cfg: DictConfig) -> None:
     ema = cfg.ema
     if ema.enabled:
         need(_number(ema.decay) and 0 < ema.decay < 1, "ema.decay", ema.decay, "must be in (0, 1)")
+        horizon = ema.get("max_horizon_fraction", 1.0)
+        need(_number(horizon) and 0 < horizon <= 1, "ema.max_horizon_fraction", horizon,
+             "a share of the run's optimizer steps in (0, 1] (1: keep ema.decay in any run)")
     need(cfg.finetune.freeze in FREEZE, "finetune.freeze", cfg.finetune.freeze, f"choose one of {list(FREEZE)}")
 
     effective = cfg.get("effective_batch")

@@ -6,6 +6,12 @@ functions of (seed, epoch, batch), and the loader's place in its epoch is saved 
 module's ``state_dict``, so a resumed run repeats a straight one exactly, at an epoch boundary or at any batch.
 Validation gives each rank a disjoint, unpadded shard, so metrics reduced across ranks count every image exactly
 once. Unreadable images in folder datasets are skipped or refused (``vittm.data.bad_images``).
+
+Three splits (README "Validation and test"): ``data.val_split`` images are held out of the training set, chosen by
+``data.split_seed`` (fixed, not the run's seed, so every run of a study holds out the same images); they select
+``best.ckpt``, stop early and tune. The dataset's own test split (Fashion-MNIST's 10,000 test images, an
+ImageFolder's ``val_dir``) is the ``test`` stage, evaluated once at the end. ``val_split: 0`` validates on the test
+split itself (the ImageNet protocol of the paper); there is then no separate test stage.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.datasets import ImageFolder, ImageNet
@@ -67,6 +74,28 @@ def first(dataset: Dataset, n: int | None) -> Dataset:
     return Subset(dataset, range(min(n, len(dataset)))) if n else dataset
 
 
+def split_indices(n: int, val_split: int | float, seed: int) -> tuple[list[int], list[int]]:
+    """(training indices, held-out indices) of a training set of ``n`` images: ``val_split`` images (a count, or a
+    fraction of ``n``) drawn by a generator seeded with ``seed``; both lists in their original order, so
+    ``train_subset`` (the first N) means the same images in every run."""
+    count = round(val_split * n) if isinstance(val_split, float) else val_split
+    if count == 0:
+        return list(range(n)), []
+    if count >= n:
+        raise DataConfigError(f"data.val_split={val_split!r}: holds out {count} of the {n} training images, leaving "
+                              f"none to train on; hold out fewer")
+    held = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count]
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[held] = True
+    return torch.nonzero(~mask).flatten().tolist(), torch.nonzero(mask).flatten().tolist()
+
+
+def unwrap(dataset: Dataset) -> Dataset:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
 class ImageDataModule(L.LightningDataModule):
     """Train/val loaders for ``dataset`` (one of ``DATASETS``); see conf/data/*.yaml for every key."""
 
@@ -87,6 +116,9 @@ class ImageDataModule(L.LightningDataModule):
         val_dir: str = "val",
         train_subset: int | None = None,
         val_subset: int | None = None,
+        test_subset: int | None = None,
+        val_split: int | float = 0,
+        split_seed: int = 0,
         on_bad_image: str = "skip",
         augment: Mapping[str, Any] | None = None,
         seed: int = 0,
@@ -97,7 +129,8 @@ class ImageDataModule(L.LightningDataModule):
             dataset=dataset, root=root, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
             crop_pct=crop_pct, mean=list(mean), std=list(std), batch_size=batch_size, num_workers=num_workers,
             pin_memory=pin_memory, train_dir=train_dir, val_dir=val_dir, train_subset=train_subset,
-            val_subset=val_subset, on_bad_image=on_bad_image,
+            val_subset=val_subset, test_subset=test_subset, val_split=val_split, split_seed=split_seed,
+            on_bad_image=on_bad_image,
         )
         self.augment = dict(augment or {})
         self.seed = seed
@@ -105,6 +138,7 @@ class ImageDataModule(L.LightningDataModule):
         self.check()
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None  # None when val_split is 0: the validation set is the test split
         self.train_loader: EpochLoader | None = None
         self.resume_state: dict[str, Any] | None = None  # from a checkpoint, taken by the next training epoch
 
@@ -128,7 +162,14 @@ class ImageDataModule(L.LightningDataModule):
                 raise DataConfigError(f"data.{key}={c[key]!r} must be a positive integer")
         if not isinstance(c["num_workers"], int) or c["num_workers"] < 0:
             raise DataConfigError(f"data.num_workers={c['num_workers']!r} must be an integer >= 0")
-        for key in ("train_subset", "val_subset"):
+        split = c["val_split"]
+        if isinstance(split, bool) or not (isinstance(split, int) and split >= 0
+                                           or isinstance(split, float) and 0 < split < 1):
+            raise DataConfigError(f"data.val_split={split!r}: the number of training images held out for validation "
+                                  f"(an integer >= 0; 0: validate on the test split) or a fraction in (0, 1)")
+        if isinstance(c["split_seed"], bool) or not isinstance(c["split_seed"], int) or c["split_seed"] < 0:
+            raise DataConfigError(f"data.split_seed={c['split_seed']!r} must be an integer >= 0")
+        for key in ("train_subset", "val_subset", "test_subset"):
             if c[key] is not None and (not isinstance(c[key], int) or c[key] <= 0):
                 raise DataConfigError(f"data.{key}={c[key]!r} must be a positive integer or null (all images)")
         if not 0 < c["crop_pct"] <= 1:
@@ -152,27 +193,50 @@ class ImageDataModule(L.LightningDataModule):
         else:
             train_tf = train_transform(self.augment, c["img_size"], c["in_chans"], c["mean"], c["std"])
             eval_tf = eval_transform(c["img_size"], c["in_chans"], c["crop_pct"], c["mean"], c["std"])
-        train_set, val_set = make(root, True, train_tf, c), make(root, False, eval_tf, c)
+        train_set, test_set = make(root, True, train_tf, c), make(root, False, eval_tf, c)
         found = len(train_set.classes)
         if c["num_classes"] is not None and found != c["num_classes"]:
             raise DataConfigError(
                 f"data.num_classes={c['num_classes']} but {c['dataset']} under {str(root)!r} has {found} classes; "
                 f"set data.num_classes={found} (or null to take it from the data)"
             )
-        if len(val_set.classes) != found:
-            raise DataConfigError(f"{c['dataset']}: train has {found} classes but val has {len(val_set.classes)}")
+        if len(test_set.classes) != found:
+            raise DataConfigError(f"{c['dataset']}: train has {found} classes but val has {len(test_set.classes)}")
         self.num_classes = found
+        # The held-out images are read with the eval transform: a second view of the training files.
+        held_out = train_set if self.batched else make(root, True, eval_tf, c)
         if hasattr(train_set, "samples"):  # decoded from files: some may be unreadable
             train_set = SkipUnreadable(train_set, c["on_bad_image"], self.bad_image_log, substitute=True)
-            val_set = SkipUnreadable(val_set, c["on_bad_image"], self.bad_image_log, substitute=False)
-        self.train_set = first(train_set, c["train_subset"])
-        self.val_set = first(val_set, c["val_subset"])
+            held_out = SkipUnreadable(held_out, c["on_bad_image"], self.bad_image_log, substitute=False)
+            test_set = SkipUnreadable(test_set, c["on_bad_image"], self.bad_image_log, substitute=False)
+        train_idx, val_idx = split_indices(len(train_set), c["val_split"], c["split_seed"])
+        if not val_idx:  # no held-out split: validate on the test split, no separate test stage
+            self.train_set = first(train_set, c["train_subset"])
+            self.val_set = first(test_set, c["val_subset"])
+            return
+        self.train_set = first(Subset(train_set, train_idx), c["train_subset"])
+        self.val_set = first(Subset(held_out, val_idx), c["val_subset"])
+        self.test_set = first(test_set, c["test_subset"])
+
+    @property
+    def split_sizes(self) -> dict[str, Any]:
+        """Images per split, and where validation comes from (recorded in metrics.json)."""
+        self.setup()
+        c = self.cfg
+        val_from = (f"of {c['val_split']} held out of the training set, data.split_seed={c['split_seed']}"
+                    if self.test_set is not None else "the test split (data.val_split=0)")
+        return {"train": len(self.train_set), "val": len(self.val_set),  # after val_subset
+                "test": len(self.test_set) if self.test_set is not None else None, "val_from": val_from}
+
+    def has_test(self) -> bool:
+        self.setup()
+        return self.test_set is not None
 
     def bad_images(self) -> list[str]:
         """The unreadable files met so far (by every process of the run, when a log file is set)."""
         if self.bad_image_log is not None:
             return logged_paths(self.bad_image_log)
-        sets = [d.dataset if isinstance(d, Subset) else d for d in (self.train_set, self.val_set)]
+        sets = [unwrap(d) for d in (self.train_set, self.val_set, self.test_set) if d is not None]
         return sorted(set().union(*(d.seen for d in sets if isinstance(d, SkipUnreadable))))
 
     # ------------------------------------------------------------------------------------------ dataloaders
@@ -210,10 +274,18 @@ class ImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.has_test():
+            raise DataConfigError("data.val_split=0: the validation set is the test split; there is no separate test")
+        return self._eval_loader(self.test_set)
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
         world, rank = self._world()
         c = self.cfg
-        sampler = UnrepeatedDistributedSampler(self.val_set, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(self.val_set, sampler=sampler, batch_size=c["batch_size"], num_workers=c["num_workers"],
+        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(dataset, sampler=sampler, batch_size=c["batch_size"], num_workers=c["num_workers"],
                           pin_memory=c["pin_memory"], collate_fn=DropUnreadable(self._collate(train=False)))
 
     # ------------------------------------------------------------------------------ checkpointed loader state
