@@ -24,7 +24,7 @@ for spec in "$@"; do
   for arg in "${sweep[@]}"; do [[ $arg == *,* || $arg == sweep=* ]] || fixed+=("$arg"); done
   $python run.py -m "${sweep[@]}" optimizer.lr="$lrs" seed=0 "${common[@]}" hydra.sweep.dir="$out/tune$i"
   $python -m vittm.tune "$out/tune$i" | sed 's/ *#.*//' | while read -r -a best; do
-    folder=$(echo "${best[*]}" | tr -c 'A-Za-z0-9.=\n-' '_')
+    folder=$(echo "${best[*]}" | tr -c 'A-Za-z0-9.\n-' '_')
     $python run.py -m "${fixed[@]}" "${best[@]}" seed=1,2 "${common[@]}" hydra.sweep.dir="$out/seeds$i/$folder"
   done
 done
