@@ -19,7 +19,7 @@ CONF = ROOT / "conf"
 # A model and a data slice small enough for a few seconds of CPU training.
 TINY = [
     "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
-    "data.train_subset=512", "data.val_subset=256", "data.batch_size=64",
+    "data.train_subset=512", "data.val_subset=256", "data.test_subset=256", "data.batch_size=64",
     "trainer.max_epochs=1", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
     "trainer.log_every_n_steps=1", "logger=none", "schedule.warmup_steps=2",
 ]

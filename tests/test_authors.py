@@ -207,7 +207,7 @@ def test_run_eval_and_finetune_take_the_authors_files(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "ckpt_path: loaded" in err and "DDP / AveragedModel prefix 'module.' removed" in err
     assert "both heads kept (10 classes)" in err
-    assert 0 <= result["final"]["val/memory_acc1"] <= 1 and not any(k.startswith("val_ema") for k in result["final"])
+    assert 0 <= result["test"]["test/memory_acc1"] <= 1 and not any(k.startswith("test_ema") for k in result["test"])
     with pytest.raises(ConfigError, match=r"ckpt_path='.*lin_residual.pt': does not fit this model .* ca or lca"):
         evaluate(compose_cfg(tmp_path / "eval2", "mode=eval", f"ckpt_path={DATA / 'lin_residual.pt'}", *common,
                              "rw_head=ca"))

@@ -160,3 +160,47 @@ def test_lin_model_bf16_compiled_matches_fp32_on_cuda():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             got = compiled(x).float()
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+def fake_rows(models: dict[str, tuple[float, float]]) -> list[dict]:
+    """bench rows as run() writes them, for the outputs: {model: (GMACs, images/s)}."""
+    common = {"mode": "inference", "batch": 8, "params_M": 0.29, "median_ms": 1.0, "iqr_ms": 0.1, "gflops": 1.0,
+              "pct_of_matmul": 1.0, "peak_mem_MB": 1.0, "device": "cpu", "dtype": "fp32", "compile": "False",
+              "tf32": False, "timer": "round_robin", "channels_last": False, "threads": 1, "matmul_gflops": 50.0}
+    return [common | {"model": m, "gmacs": g, "gmacs_norms": g * 1.01, "images_per_s": s}
+            for m, (g, s) in models.items()]
+
+
+MODELS = {"vittm_fmnist 4/7 lin residual": (0.003623456, 12000.0), "vit_fmnist_p7": (0.0042, 9000.0),
+          "vittm_tiny 28/28 lin residual": (0.0061, 15000.0), "vit_tiny_patch16_224": (0.0202, 4000.0)}
+
+
+def test_bench_macs_keep_their_precision(tmp_path):
+    write_outputs(fake_rows(MODELS), tmp_path, None)
+    with open(tmp_path / "bench.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["gmacs"]) == 0.003623456  # full precision in the CSV
+    assert "| 0.00362 |" in (tmp_path / "bench.md").read_text()  # 3 significant figures, not 0.004
+
+
+def test_bench_plot_colours_and_readable_ticks():
+    from matplotlib.pyplot import close
+
+    from vittm.bench import figure
+
+    rows = fake_rows(MODELS)
+    fig = figure(rows, {m: 0.8 + i / 100 for i, m in enumerate(MODELS)})
+    try:
+        fig.canvas.draw()
+        left, right = fig.axes
+        colour = [{c.get_label(): tuple(c.get_facecolor()[0]) for c in ax.collections} for ax in (left, right)]
+        assert colour[0] == colour[1] and len(set(colour[0].values())) == len(MODELS)  # one colour per model
+        for ax in fig.axes:
+            labels = [t for t in ax.get_xticklabels() if t.get_text() and t.get_visible()]
+            boxes = [t.get_window_extent() for t in labels]
+            assert all(t.get_rotation() == 30 for t in labels)
+            assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        ticks = [t.get_text() for t in left.get_xticklabels() if t.get_text()]
+        assert all(len(t.replace("0.", "").lstrip("0")) >= 3 for t in ticks if float(t)), ticks  # 0.00400, not 0.004
+    finally:
+        close(fig)

@@ -447,9 +447,10 @@ def test_new_settings_are_validated_one_line_each(tmp_path):
 
 
 @pytest.mark.parametrize(("overrides", "line"), [
-    (["model.num_heads=3"], "model: embed_dim=32 must be divisible by num_heads=3"),
+    (["model.num_heads=3"], "model.num_heads=3: must divide model.embed_dim=32 (each head gets embed_dim / num_heads "
+     "channels)"),
     (["rw_head.latent_size_scale=3"],
-     "model: rw_head 'lin': latent_size_scale=3 must be a positive integer dividing D=32"),
+     "model.rw_head.latent_size_scale=3 (rw_head.latent_size_scale): must divide model.embed_dim=32"),
     (["trainer.accumulate_grad_batches=16"], "data.batch_size=64: 64 x trainer.accumulate_grad_batches=16 x "
      "trainer.devices=1 x trainer.num_nodes=1 = 1024 images per optimizer step, more than the 512 training images; "
      "lower them (or use more data)"),

@@ -83,7 +83,7 @@ def test_failed_job_does_not_stop_the_sweep(tmp_path):
     for row in result["rows"]:
         if row["status"] == "ok":
             metrics = json.loads((sweep / row["job"] / "metrics.json").read_text())
-            assert metrics["final"]["val/acc1"] == row["acc1"]
+            assert metrics["final"]["val/acc1"] == row["val_acc1"]
 
 
 def test_report_on_a_partial_sweep(tmp_path):

@@ -38,7 +38,8 @@ def test_train_checkpoints_metrics_reload_and_eval(tmp_path):
     for key, value in module.ema.module.state_dict().items():
         torch.testing.assert_close(exported[key], value)
 
-    evaluated = evaluate(compose_cfg(tmp_path / "eval", *TINY, "mode=eval", f"ckpt_path={ckpts / 'last.ckpt'}"))
+    evaluated = evaluate(compose_cfg(tmp_path / "eval", *TINY, "mode=eval", "eval_split=val",
+                                     f"ckpt_path={ckpts / 'last.ckpt'}"))
     for key in ("val/memory_acc1", "val/process_acc5", "val_ema/memory_acc1", "val_ema/process_acc1"):
         assert evaluated["final"][key] == pytest.approx(metrics["final"][key], abs=1e-6), key
     assert evaluated["eval_compile"] is False  # auto: eager on CPU (CUDA graphs on a GPU)
@@ -250,7 +251,7 @@ def test_gpu_cuda_graphs_with_ema_accumulation_and_ddp(tmp_path):
     assert result["steps"] == 8
     for head in ("memory", "process"):  # decay 0: the EMA copy is the live model after the last update
         assert result["final"][f"val_ema/{head}_acc1"] == pytest.approx(result["final"][f"val/{head}_acc1"])
-    evaluated = evaluate(compose_cfg(tmp_path / "eval", *TINY, "trainer=gpu", "mode=eval",
+    evaluated = evaluate(compose_cfg(tmp_path / "eval", *TINY, "trainer=gpu", "mode=eval", "eval_split=val",
                                      f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"))
     assert evaluated["eval_compile"] == "reduce-overhead"  # auto on a GPU
     assert evaluated["final"]["val/memory_acc1"] == pytest.approx(result["final"]["val/memory_acc1"], abs=0.02)

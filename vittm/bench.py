@@ -40,6 +40,7 @@ from vittm.errors import ConfigError
 from vittm.flops import count_macs, count_params
 from vittm.lit import COMPILE_MODES, compile_options, is_compile_setting, resolve_compile
 from vittm.models import ViTTM, create_model
+from vittm.report import colours, significant
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIMERS = ("round_robin", "blocked_autorange")
@@ -243,7 +244,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
                         timed_once(fn, sync)
                 memory = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else rss.megabytes
                 stub = {"model": label, "mode": mode, "batch": batch, "params_M": round(params / 1e6, 2),
-                        "gmacs": round(macs / 1e9, 5), "gmacs_norms": round(macs_norms / 1e9, 5),
+                        "gmacs": macs / 1e9, "gmacs_norms": macs_norms / 1e9,  # unrounded: a tiny model's 0.00362
                         "peak_mem_MB": round(memory, 1)}
                 if b.meter:
                     stub |= meter_columns(parts, batch, sync)
@@ -318,7 +319,7 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, results: str | None) ->
     cols += [c for c in ("kernels", "MB_per_img", "optim_kernels", "optim_MB", "inductor_kernels")
              if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
     r0 = rows[0]
     tf32 = "on" if r0["tf32"] else "off"
     lines += ["", f"{r0['device']} {r0['dtype']}, compile={r0['compile']}, TF32 matmul {tf32}, "
@@ -332,6 +333,12 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, results: str | None) ->
     lines += ratios(rows)
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "bench.png", load_accuracy(results))
+
+
+def cell(row: dict[str, Any], col: str) -> str:
+    """A bench.md cell: MACs to 3 significant figures (the row keeps them exact, as does bench.csv)."""
+    value = row.get(col, "")
+    return significant(value) if col in ("gmacs", "gmacs_norms") and isinstance(value, float) else str(value)
 
 
 def load_accuracy(path: str | None) -> dict[str, float]:
@@ -348,32 +355,48 @@ def load_accuracy(path: str | None) -> dict[str, float]:
         return {r["model"]: float(r["acc1"]) for r in csv.DictReader(f)}
 
 
+def figure(rows: list[dict[str, Any]], accuracy: dict[str, float]):
+    """Throughput vs MACs of the first (mode, batch), and accuracy vs throughput when ``accuracy`` has any: one
+    colour per model, the same in both panels."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    shown = [r for r in rows if r["mode"] == rows[0]["mode"] and r["batch"] == rows[0]["batch"]]
+    palette = colours([r["model"] for r in shown])
+    panels = 2 if accuracy else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7.5 * panels, 5.5), squeeze=False, layout="constrained")
+    ax = axes[0][0]
+    for r in shown:
+        ax.scatter(r["gmacs"], r["images_per_s"], color=palette[r["model"]], label=r["model"])
+        ax.annotate(f"{r['model']}\n{significant(r['gmacs'])} GMACs", (r["gmacs"], r["images_per_s"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: significant(v)))  # 0.00362, not 0.004 or an offset
+    ax.set(xlabel="GMACs per image", ylabel="images / s", title=f"{shown[0]['mode']}, batch {shown[0]['batch']}, "
+           f"{shown[0]['device']} {shown[0]['dtype']}")
+    if accuracy:
+        ax = axes[0][1]
+        for r in shown:
+            acc = accuracy.get(r["model"], accuracy.get(r["model"].split()[0]))
+            if acc is not None:
+                ax.scatter(r["images_per_s"], acc, color=palette[r["model"]], label=r["model"])
+                ax.annotate(r["model"], (r["images_per_s"], acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel="images / s", ylabel="top-1 accuracy", title="accuracy vs throughput")
+    for ax in axes[0]:
+        ax.tick_params(axis="x", labelrotation=30)  # long tick labels (0.00362, 12000) would run into each other
+        for tick in ax.get_xticklabels():
+            tick.set_horizontalalignment("right")  # each label ends under its tick
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
 def plot(rows: list[dict[str, Any]], path: Path, accuracy: dict[str, float]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in rows if r["mode"] == rows[0]["mode"] and r["batch"] == rows[0]["batch"]]
-    panels = 2 if accuracy else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
-    ax = axes[0][0]
-    for r in shown:
-        ax.scatter(r["gmacs"], r["images_per_s"], color="tab:red" if r["model"].startswith("vittm") else "tab:blue")
-        ax.annotate(r["model"], (r["gmacs"], r["images_per_s"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel="GMACs per image", ylabel="images / s", title=f"{shown[0]['mode']}, batch {shown[0]['batch']}, "
-           f"{shown[0]['device']} {shown[0]['dtype']}")
-    ax.grid(alpha=0.3)
-    if accuracy:
-        ax = axes[0][1]
-        for r in shown:
-            acc = accuracy.get(r["model"], accuracy.get(r["model"].split()[0]))
-            if acc is not None:
-                ax.scatter(r["images_per_s"], acc)
-                ax.annotate(r["model"], (r["images_per_s"], acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set(xlabel="images / s", ylabel="top-1 accuracy", title="accuracy vs throughput")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig = figure(rows, accuracy)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -345,13 +345,14 @@ def fit_to_run(schedule: Mapping[str, Any], ema: Mapping[str, Any], total_steps:
     """
     notes = []
     warmup = int(schedule["warmup_steps"])
-    cap = int(schedule.get("max_warmup_fraction", 1.0) * total_steps)
-    if warmup > cap:
+    fraction = schedule.get("max_warmup_fraction", 1.0)
+    cap = int(fraction * total_steps)
+    if fraction < 1 and warmup > cap:
         notes.append(f"schedule: {warmup} warmup steps do not fit a run of {total_steps} optimizer steps; warming up "
                      f"over {cap} (schedule.max_warmup_fraction={schedule.get('max_warmup_fraction')}), then decaying")
         warmup = cap
     decay = float(ema.get("decay", 0.0)) if ema.get("enabled") else None
-    if decay is not None:
+    if decay is not None and ema.get("max_horizon_fraction", 1.0) < 1:
         horizon = max(1.0, ema.get("max_horizon_fraction", 1.0) * total_steps)
         if 1 / (1 - decay) > horizon:
             fitted = round(1 - 1 / horizon, 6)

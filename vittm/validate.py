@@ -17,7 +17,8 @@ from vittm.checkpoints import load_checkpoint
 from vittm.data.bad_images import POLICIES
 from vittm.errors import ConfigError
 from vittm.lit import COMPILE_MODES, NONFINITE, is_compile_setting
-from vittm.models import create_model, is_vittm
+from vittm.model_checks import build_problem, interpolation_sources, model_config_problems
+from vittm.models import create_model
 
 OPTIMIZERS = ("adamw", "sgd", "lamb")
 SCHEDULES = ("cosine", "poly")
@@ -172,22 +173,19 @@ def validate(cfg: DictConfig) -> None:
 
 
 def model_problems(cfg: DictConfig) -> list[str]:
-    """The model's arguments, checked without data: both patch sizes must divide the image size; the rest (heads,
-    latent scales, component knobs) by building the model on the meta device, which allocates nothing."""
-    m = cfg.model
-    size = m.get("img_size")
-    if is_vittm(str(m.name)) and _int(size):
-        bad = [f"model.img_size={size}: not divisible by model.{k}={m.get(k)}; both patch sizes must divide it"
-               for k in ("memory_ps", "process_ps") if _int(m.get(k)) and m.get(k) > 0 and size % m.get(k)]
-        if bad:
-            return bad
-    args = OmegaConf.to_container(m, resolve=True)
+    """The model's arguments, checked without data: every key's type and range, and the relations between them
+    (vittm.model_checks); when those pass, the model is built on the meta device (which allocates nothing) as a last
+    check, its error naming the key it mentions."""
+    problems = model_config_problems(cfg.model)
+    if problems:
+        return problems
+    args = OmegaConf.to_container(cfg.model, resolve=True)
     args["num_classes"] = args.get("num_classes") or 2  # an ImageFolder's class count is only known from the data
     try:
         with torch.device("meta"):
             create_model(**args)
-    except (ValueError, TypeError) as err:
-        return [f"model: {err}"]
+    except (ValueError, TypeError, AssertionError) as err:  # timm's ViT checks its arguments with assert
+        return [build_problem(str(err), args, interpolation_sources(cfg.model))]
     return []
 
 
