@@ -38,7 +38,7 @@ bench-data: $(STAMP)
 	$(PY) -m vittm.bench_data $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check vittm tests run.py
+	$(VENV)/bin/ruff check vittm tests run.py cli.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

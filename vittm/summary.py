@@ -1,7 +1,7 @@
 """The model summary job: build the configured model, count parameters and MACs, time a forward pass.
 
-``python run.py`` runs it until training lands (the training issue makes training the main job). It is also a
-quick way to check a configuration: ``python run.py model=vittm_base model.memory_ps=16 model.process_ps=32``.
+``python run.py mode=summary [summary.batch_size=8] [summary.threads=N]``; also a quick way to check a
+configuration: ``python run.py mode=summary model=vittm_base model.memory_ps=16 model.process_ps=32``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vittm.flops import count_macs, count_params
 from vittm.models import create_model, forward_heads
+from vittm.naming import model_label, params_note
 
 
 def build_from_config(cfg: DictConfig) -> torch.nn.Module:
@@ -25,12 +26,13 @@ def build_from_config(cfg: DictConfig) -> torch.nn.Module:
 
 @torch.no_grad()
 def summarize(cfg: DictConfig) -> dict[str, Any]:
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+    if cfg.summary.threads:
+        torch.set_num_threads(int(cfg.summary.threads))
     torch.manual_seed(cfg.seed)
     model = build_from_config(cfg).eval()
     input_size = (cfg.model.in_chans, *[cfg.model.img_size] * 2)
-    x = torch.randn(cfg.batch_size, *input_size)
+    batch = cfg.summary.batch_size
+    x = torch.randn(batch, *input_size)
     outputs = forward_heads(model, x)  # also the warm-up run
     times = []
     for _ in range(3):
@@ -40,19 +42,21 @@ def summarize(cfg: DictConfig) -> dict[str, Any]:
     seconds = statistics.median(times)
     result = {
         "model": cfg.model.name,
+        "label": model_label(cfg),
         "params_M": count_params(model) / 1e6,
         "gmacs": count_macs(model, input_size) / 1e9,
         "gmacs_with_norms": count_macs(model, input_size, count_norms=True) / 1e9,
         "heads": {k: list(v.shape) for k, v in outputs.items()},
         "forward_ms": 1000 * seconds,
-        "images_per_s": cfg.batch_size / seconds,
+        "images_per_s": batch / seconds,
         "threads": torch.get_num_threads(),
     }
     print(OmegaConf.to_yaml(cfg.model, resolve=True))
     print(
-        f"{result['model']}: {result['params_M']:.2f} M params, {result['gmacs']:.3f} GMACs "
-        f"({result['gmacs_with_norms']:.3f} with LayerNorms, fvcore convention) at {input_size[1]}x{input_size[2]}\n"
-        f"heads {result['heads']}; forward of {cfg.batch_size} images: {result['forward_ms']:.1f} ms median of 3 "
+        f"{result['label']}\n{result['params_M']:.2f} M params ({params_note(cfg, cfg.model.num_classes)}; the "
+        f"README's tables count 3 channels and 1,000 classes), {result['gmacs']:.3g} GMACs "
+        f"({result['gmacs_with_norms']:.3g} with LayerNorms, fvcore convention) at {input_size[1]}x{input_size[2]}\n"
+        f"heads {result['heads']}; forward of {batch} images: {result['forward_ms']:.1f} ms median of 3 "
         f"({result['images_per_s']:.1f} images/s, {result['threads']} threads, fp32, eager)"
     )
     return result

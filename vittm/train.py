@@ -28,6 +28,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -38,6 +39,7 @@ from vittm.checkpoints import (
     find_resume,
     save_weights,
 )
+from vittm.console import ProgressBar, WandbRunLog, quiet_lightning, silence_wandb, steps_per_epoch
 from vittm.data import ImageDataModule
 from vittm.flops import count_macs, count_params
 from vittm.guard import check_cpu_budget
@@ -135,6 +137,8 @@ def build_loggers(cfg: DictConfig) -> list:
         node = plain(node)
         if name == "wandb" and node.get("offline") == "auto":  # offline unless the user configured a key
             node["offline"] = not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb())
+        if name == "wandb" and (node.get("settings") or {}).get("silent"):
+            silence_wandb()
         loggers.append(instantiate(node))
     return loggers
 
@@ -144,8 +148,21 @@ def _netrc_has_wandb() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=trainer_plugins(cfg))
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list,
+                  datamodule: L.LightningDataModule | None = None) -> L.Trainer:
+    """The configured Trainer with a quiet console (vittm.console). ``datamodule``, when training: its training set
+    caps ``log_every_n_steps`` at one epoch's optimizer steps, so that a short run logs train/loss too."""
+    quiet_lightning()
+    extra: list[Callback] = [ProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        extra.append(WandbRunLog())
+    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, *extra], logger=loggers or False,
+                          plugins=trainer_plugins(cfg))
+    train_set = getattr(datamodule, "train_set", None)
+    if train_set is not None:  # set after construction: the world size is only known then
+        steps = steps_per_epoch(trainer, len(train_set), cfg.data.batch_size)
+        trainer.log_every_n_steps = min(trainer.log_every_n_steps, steps)
+    return trainer
 
 
 def trainer_plugins(cfg: DictConfig) -> list:
@@ -282,7 +299,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     save = cfg.checkpoint.save
     checkpoints = checkpoint_callbacks(cfg, ckpt_dir, module.two_heads, module.ema is not None) if save else []
     timer, best = TrainTimer(), BestMetrics()
-    trainer = build_trainer(cfg, [*checkpoints, timer, best, ValidateAtMaxSteps()], build_loggers(cfg))
+    trainer = build_trainer(cfg, [*checkpoints, timer, best, ValidateAtMaxSteps()], build_loggers(cfg), datamodule)
     if trainer.is_global_zero:
         for lg in trainer.loggers:  # the full resolved config, once per run
             lg.log_hyperparams(plain(cfg))
