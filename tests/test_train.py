@@ -233,7 +233,8 @@ def test_presets_are_the_published_recipes(tmp_path, preset):
 )
 def test_documented_commands_train(tmp_path, overrides):
     """The README's commands, on 4 Fashion-MNIST images (resized to 224) for one step each."""
-    result = train(compose_cfg(tmp_path, *overrides, "data.train_subset=4", "data.val_subset=2", "data.batch_size=2",
+    result = train(compose_cfg(tmp_path, *overrides, "data.train_subset=4", "data.val_subset=2", "data.test_subset=2",
+                               "data.batch_size=2",
                                "trainer.max_steps=1", "trainer.num_sanity_val_steps=0", "logger=none",
                                "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1",
                                "checkpoint.save=false"))  # a base-size checkpoint is ~2 GB

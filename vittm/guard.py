@@ -3,7 +3,8 @@ and what to type instead.
 
 ``python run.py model=vittm_base`` without a GPU would train a 108 M-parameter model at 224 px on Fashion-MNIST
 (28-px images upsampled 8x): days per run, 12 GB of memory, and nothing would say so. The estimate is a lower
-bound: 3 x the model's MACs per image (forward + backward) x 2 FLOPs x the images the run will see, at the matmul
+bound: 2 FLOPs x the model's MACs per image x (3 x the training images, for forward + backward, + the images
+validated and tested), at the matmul
 rate this CPU reaches right now (measured in a fraction of a second; small models reach far less of it). Runs on an
 accelerator are not estimated.
 """
@@ -53,7 +54,7 @@ def training_images(cfg: DictConfig, train_images: int) -> int:
     return per_epoch * t.max_epochs
 
 
-def check_cpu_budget(cfg: DictConfig, train_images: int) -> None:
+def check_cpu_budget(cfg: DictConfig, train_images: int, eval_images: int = 0) -> None:
     """Raise ConfigError when a CPU run would need more than ``cpu_budget_hours`` (null: no limit)."""
     budget = cfg.get("cpu_budget_hours")
     if budget is None or not on_cpu(cfg):
@@ -65,7 +66,7 @@ def check_cpu_budget(cfg: DictConfig, train_images: int) -> None:
     macs = count_macs(net, (cfg.data.in_chans, size, size))
     images = training_images(cfg, train_images)
     rate = matmul_gflops()
-    hours = 6 * macs * images / (rate * 1e9) / 3600
+    hours = 2 * macs * (3 * images + eval_images) / (rate * 1e9) / 3600  # forward + backward; eval: forward
     if hours <= budget:
         return
     choice = config_choices().get("model") or cfg.model.name
@@ -74,7 +75,8 @@ def check_cpu_budget(cfg: DictConfig, train_images: int) -> None:
                  if native and size > native else "")
     raise ConfigError(
         f"model={choice} at {size} px{upsampled} on this CPU: {macs / 1e9:.3g} GMACs per image x {images:,} "
-        f"images needs at least {hours:,.0f} h here ({rate:.0f} GFLOP/s measured), over cpu_budget_hours={budget}. "
+        f"training images (+ {eval_images:,} evaluated) needs at least {hours:,.0f} h here ({rate:.0f} GFLOP/s "
+        f"measured), over cpu_budget_hours={budget}. "
         f"Train it on a GPU (trainer=gpu data=imagenet data.root=...), run `python run.py` for the 28-px "
         f"Fashion-MNIST model, or set cpu_budget_hours=null to run anyway"
     )

@@ -277,8 +277,15 @@ def prepare(cfg: DictConfig) -> tuple[L.LightningDataModule, int]:
     train_set = getattr(datamodule, "train_set", None)
     if cfg.mode == "train" and train_set is not None:
         check_data_size(cfg, len(train_set))
-        check_cpu_budget(cfg, len(train_set))
+        check_cpu_budget(cfg, len(train_set), eval_images(cfg, datamodule))
     return datamodule, num_classes
+
+
+def eval_images(cfg: DictConfig, datamodule: L.LightningDataModule) -> int:
+    """Images a training run will evaluate: the validation split after each epoch, and the test split once."""
+    val, test = getattr(datamodule, "val_set", None), getattr(datamodule, "test_set", None)
+    epochs = cfg.trainer.max_epochs if cfg.trainer.get("max_steps", -1) in (-1, None) else 1
+    return (len(val) * max(1, epochs) if val is not None else 0) + (len(test) if test is not None else 0)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
