@@ -286,3 +286,21 @@ def test_select_a_head_a_baseline_does_not_have(tmp_path):
     report(tmp_path, tune="optimizer.lr", select="memory_acc1")
     rows = {r["model.name"]: r for r in table_rows((tmp_path / "report.md").read_text())}
     assert rows["vittm_fmnist"]["optimizer.lr"] == "2e-3" and rows["vit_fmnist"]["optimizer.lr"] == "1e-3"
+
+
+def test_pooled_sweeps_fill_a_key_a_job_did_not_set_from_its_own_config(tmp_path):
+    """One sweep varies model.memory_ps, a reused job of another study ran the default without overriding it: the
+    report reads that job's value from its own .hydra/config.yaml (a group's choice from .hydra/hydra.yaml), so the
+    default row is compared with the others instead of standing apart with an empty cell."""
+    a, b = tmp_path / "patch", tmp_path / "reused"
+    fake_job(a, "0", ["model.memory_ps=7", "seed=0"], val=0.80, test=0.79)
+    fake_job(a, "1", ["model.memory_ps=7", "seed=1"], val=0.81, test=0.80)
+    for seed in (0, 1):
+        job = fake_job(b, str(seed), ["rw_head=lin", f"seed={seed}"], val=0.78, test=0.77)
+        OmegaConf.save({"hydra": {"runtime": {"choices": {"rw_head": "lin", "model": "vittm_fmnist"}}}},
+                       job / ".hydra" / "hydra.yaml")
+    for seed in (0, 1):  # the patch jobs ran rw_head=lin too, by default
+        OmegaConf.save({"hydra": {"runtime": {"choices": {"rw_head": "lin"}}}}, a / str(seed) / ".hydra" / "hydra.yaml")
+    rows = table_rows(report([a, b], out=tmp_path / "out")["files"][1].read_text())
+    assert [r["model.memory_ps"] for r in rows] == ["7", "4"]  # 4: the reused jobs' own config
+    assert "rw_head" not in rows[0]  # lin everywhere once filled: not a swept column

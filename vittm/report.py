@@ -134,7 +134,32 @@ def read_job(folder: Path, name: str) -> dict[str, Any]:
     row["warmup_steps"] = fit.get("warmup_steps", schedule.get("warmup_steps"))
     row["ema_decay"] = fit.get("ema_decay", metrics.get("ema_decay"))
     row["settings"] = read_settings(folder / ".hydra" / "config.yaml")
+    row["folder"] = folder
     return row
+
+
+def job_setting(folder: Path, key: str) -> str | None:
+    """A job's own value of ``key`` when its command line did not set it: a config group's choice from
+    ``.hydra/hydra.yaml`` (``model`` -> ``vittm_fmnist``), a dotted key from ``.hydra/config.yaml``."""
+    try:
+        if "." not in key:
+            choices = OmegaConf.load(folder / ".hydra" / "hydra.yaml").hydra.runtime.choices
+            return None if choices.get(key) is None else text(choices.get(key))
+        value = OmegaConf.select(OmegaConf.load(folder / ".hydra" / "config.yaml"), key)
+    except (OSError, OmegaConfBaseException):
+        return None
+    return None if value is None else text(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+
+
+def fill_defaults(rows: list[dict[str, Any]], keys: list[str]) -> None:
+    """Pooled sweeps override different keys (one sweeps ``model``, another ``rw_head``): a job that did not set a
+    swept key gets the value it actually ran with, so that rows compare like with like."""
+    for row in rows:
+        for key in keys:
+            if key not in row["overrides"]:
+                value = job_setting(row["folder"], key)
+                if value is not None:
+                    row["overrides"][key] = value
 
 
 def job_number(folder: Path) -> tuple[int, str]:
@@ -501,6 +526,7 @@ def report(sweep_dirs: Path | list[Path], out: Path | None = None, tune: str | N
     if not rows:
         raise SystemExit(f"error: sweep_dir={', '.join(map(str, dirs))}: holds no job folders (none has "
                          "metrics.json or .hydra/overrides.yaml)")
+    fill_defaults(rows, [k for k in swept_keys(rows) if k != "seed"])
     swept = swept_keys(rows)
     if tune and not any(tune in r["overrides"] for r in rows):
         raise SystemExit(f"error: --tune {tune}: no job overrides it (swept: {', '.join(swept) or 'nothing'})")
