@@ -50,6 +50,32 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+def answer_help(argv: list[str]) -> None:
+    """``python run.py [overrides] --help``: the config groups and the composed config, then exit 0.
+
+    Written here because Hydra's own app help re-reads the whole config repository once per group to list their
+    options (136 deep copies, ~1.4 s of CPU: over 2 s on this shared machine); the groups are the folders of conf/,
+    their options its yaml files, so listing them takes milliseconds. ``--hydra-help`` is still Hydra's.
+    """
+    if not ({"--help", "-h"} & set(argv)) or "--hydra-help" in argv:
+        return
+    from hydra import compose, initialize_config_dir
+
+    overrides = [a for a in argv if a not in ("--help", "-h") and not a.startswith("-")]
+    if override_problem(overrides):  # a bad override: said as for any other command
+        refuse_bad_overrides(overrides)
+    groups = {d.name: sorted(f.stem for f in d.glob("*.yaml")) for d in sorted(CONF.iterdir())
+              if d.is_dir() and d.name != "hydra"}
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="run"):
+        cfg = compose(config_name="config", overrides=overrides)
+    print("python run.py [group=option ...] [key=value ...]   (-m: one job per value; --hydra-help: Hydra's flags)\n")
+    print("== Configuration groups ==\nCompose your configuration from those groups (group=option)\n")
+    print("\n".join(f"{name}: {', '.join(options)}" for name, options in groups.items() if options))
+    print("\n== Config ==\nOverride anything in the config (foo.bar=value)\n")
+    print(OmegaConf.to_yaml(cfg))
+    sys.exit(0)
+
+
 def refuse_bad_overrides(argv: list[str]) -> None:
     """Exit with status 2 and one ``error:`` line when an override of ``argv`` cannot work."""
     problem = override_problem(argv)

@@ -32,5 +32,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    cli.answer_help(sys.argv[1:])  # --help without Hydra's slow listing of the groups (cli.py says why)
     cli.refuse_bad_overrides(sys.argv[1:])  # one `error:` line and exit 2 for an override that cannot work
     main()

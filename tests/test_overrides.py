@@ -72,3 +72,14 @@ def test_nothing_heavy_imported_before_hydra_parses():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_help_lists_every_group_and_the_composed_config(tmp_path):
+    """Answered by cli.answer_help (Hydra's own help re-reads the config repository once per group: seconds)."""
+    proc = run_cli(tmp_path, "model=vittm_test", "--help")
+    assert proc.returncode == 0, proc.stderr
+    for group in ("rw_head: ca, dyna, la, lca, lin, tl", "fusion: add_erase, erase, residual", "trainer: cpu,"):
+        assert group in proc.stdout
+    assert "img_size: 32" in proc.stdout and "hydra:" not in proc.stdout.split("== Config ==")[1][:200]
+    bad = run_cli(tmp_path, "model=vittm_bse", "--help")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: model=vittm_bse: model has no option vittm_bse")
