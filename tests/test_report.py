@@ -304,3 +304,16 @@ def test_pooled_sweeps_fill_a_key_a_job_did_not_set_from_its_own_config(tmp_path
     rows = table_rows(report([a, b], out=tmp_path / "out")["files"][1].read_text())
     assert [r["model.memory_ps"] for r in rows] == ["7", "4"]  # 4: the reused jobs' own config
     assert "rw_head" not in rows[0]  # lin everywhere once filled: not a swept column
+
+
+def test_tune_prints_each_configurations_validation_choice(tmp_path, capsys):
+    """vittm.tune makes the report's choice (validation only) into the overrides of the second stage."""
+    from vittm.tune import main as tune
+
+    sweep = tmp_path / "tune"
+    for i, (head, lr, val, test) in enumerate([("lin", "0.002", 0.70, 0.90), ("lin", "0.004", 0.80, 0.10),
+                                               ("ca", "0.002", 0.85, 0.10), ("ca", "0.004", 0.75, 0.95)]):
+        fake_job(sweep, f"{i}", [f"rw_head={head}", f"optimizer.lr={lr}", "seed=0"], val=val, test=test)
+    tune([str(sweep)])
+    assert capsys.readouterr().out.splitlines() == [  # the test split's preference plays no part
+        "rw_head=ca optimizer.lr=0.002 # val/acc1 0.8500", "rw_head=lin optimizer.lr=0.004 # val/acc1 0.8000"]

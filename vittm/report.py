@@ -204,6 +204,12 @@ def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
             and len({row["overrides"].get(k) for row in rows}) > 1]
 
 
+def settle_swept(rows: list[dict[str, Any]]) -> list[str]:
+    """The swept keys once every job has a value for each (``fill_defaults``): the columns that define a row."""
+    fill_defaults(rows, [k for k in swept_keys(rows) if k != "seed"])
+    return swept_keys(rows)
+
+
 def mean_std(values: list[float | None]) -> tuple[float | None, float | None, int]:
     """Mean, sample standard deviation (None with one value) and count of the values that are numbers."""
     values = [v for v in values if v is not None and not math.isnan(v)]
@@ -526,8 +532,7 @@ def report(sweep_dirs: Path | list[Path], out: Path | None = None, tune: str | N
     if not rows:
         raise SystemExit(f"error: sweep_dir={', '.join(map(str, dirs))}: holds no job folders (none has "
                          "metrics.json or .hydra/overrides.yaml)")
-    fill_defaults(rows, [k for k in swept_keys(rows) if k != "seed"])
-    swept = swept_keys(rows)
+    swept = settle_swept(rows)
     if tune and not any(tune in r["overrides"] for r in rows):
         raise SystemExit(f"error: --tune {tune}: no job overrides it (swept: {', '.join(swept) or 'nothing'})")
     out = out or dirs[0]
