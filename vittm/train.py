@@ -436,9 +436,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     separate EMA rows. The result goes to the run folder's metrics.json and beside the checkpoint."""
     start = time.perf_counter()
     validate(cfg)
-    split = cfg.get("eval_split", "test")
-    if split not in ("test", "val"):
-        raise ConfigError(f"eval_split={split!r}: choose test (the test split) or val (the held-out validation split)")
+    split = cfg.get("eval_split", "test")  # checked by validate()
     hparams = training_checkpoint(cfg.ckpt_path)
     with open_dict(cfg):
         if hparams is not None:  # the checkpoint's own model config (its img_size also sets the eval transforms)
