@@ -32,10 +32,10 @@ bench: $(STAMP)
 
 # Table + plots of a sweep: make report DIR=outputs/<study>/multiruns/<time> [ARGS='--out somewhere']
 report: $(STAMP)
-	$(PY) -m vittm.report $(DIR) $(ARGS)
+	$(PY) -m vittm.studies.report $(DIR) $(ARGS)
 
 bench-data: $(STAMP)
-	$(PY) -m vittm.bench_data $(ARGS)
+	$(PY) -m vittm.bench.data $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vittm tests run.py cli.py

@@ -6,8 +6,8 @@ run.py, this module lets ``--help``, ``--cfg job`` and a mistyped override be an
 training code inside its task function. It does two things:
 
 - registers the OmegaConf resolvers the config uses (``job_dirname``, ``sqlite_url``, ``run_group``). Their code
-  stays in vittm/sweep.py and is imported when Hydra first resolves one: when it names a multirun job's folder or
-  opens an Optuna study, or when a logger is built, i.e. when training, and torch, follow anyway;
+  stays in vittm/studies/sweep.py and is imported when Hydra first resolves one: when it names a multirun job's folder
+  or opens an Optuna study, or when a logger is built, i.e. when training, and torch, follow anyway;
 - checks the command-line overrides against the composed config before Hydra runs (``refuse_bad_overrides``): an
   unknown key, a group option that does not exist or a bad override is refused with one ``error:`` line naming it,
   with a did-you-mean from the real keys and options, exit status 2. Everything valid is left to Hydra as it is.
@@ -34,7 +34,7 @@ _MISSING = object()
 
 def _from_sweep_module(name: str) -> Callable[..., Any]:
     def resolve(*args: Any) -> Any:
-        from vittm import sweep  # imports torch: only once Hydra resolves the interpolation
+        from vittm.studies import sweep  # imports torch: only once Hydra resolves the interpolation
 
         return getattr(sweep, name)(*args)
 
@@ -42,7 +42,7 @@ def _from_sweep_module(name: str) -> Callable[..., Any]:
 
 
 def register_resolvers() -> None:
-    for name in RESOLVERS:  # vittm.sweep registers the same names when imported first (tests, notebooks)
+    for name in RESOLVERS:  # vittm.studies.sweep registers the same names when imported first (tests, notebooks)
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, _from_sweep_module(name))
 

@@ -1,4 +1,4 @@
-"""Entry point: ``python run.py [group=option ...] [key=value ...]`` (Hydra). Wiring only: see vittm/train.py.
+"""Entry point: ``python run.py [group=option ...] [key=value ...]`` (Hydra). Wiring only: see vittm/tasks/run.py.
 
 Until Hydra has parsed the command line only Hydra, OmegaConf and cli.py (torch-free; its docstring says why it
 sits outside the package) are imported: ``--help``, ``--cfg job`` and a mistyped override take well under 2 s. The
@@ -15,9 +15,9 @@ import cli  # registers the config's resolvers (job folder names, SQLite URLs, w
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from vittm.sweep import failed_job_value, in_multirun, record_failure
-    from vittm.train import main as run
-    from vittm.validate import ConfigError
+    from vittm.studies.sweep import failed_job_value, in_multirun, record_failure
+    from vittm.tasks.run import main as run
+    from vittm.training.validate import ConfigError
 
     try:
         return run(cfg)

@@ -3,8 +3,8 @@
 #   bash experiments/run_study.sh NAME 'SWEEP' ['SWEEP' ...]
 # For each SWEEP (Hydra overrides; a value list like rw_head=lin,ca or a preset like sweep=rw_heads is swept):
 #   1. tune: seed 0 over the learning-rate grid $LRS, every configuration of the sweep;
-#   2. seeds: seeds 1 and 2 of each configuration at the rate its validation split chose (python -m vittm.tune).
-# Then the report pools both stages: python -m vittm.report ... --tune optimizer.lr --out experiments/NAME.
+#   2. seeds: seeds 1 and 2 of each configuration at the rate its validation split chose (python -m vittm.studies.tune).
+# Then the report pools both stages: python -m vittm.studies.report ... --tune optimizer.lr --out experiments/NAME.
 # Jobs run two at a time (joblib), one thread each. $BUDGET replaces the common budget below.
 set -euo pipefail
 name=$1
@@ -23,7 +23,7 @@ for spec in "$@"; do
   fixed=()  # the spec's single values (not swept, not a preset): stage 2 needs them too
   for arg in "${sweep[@]}"; do [[ $arg == *,* || $arg == sweep=* ]] || fixed+=("$arg"); done
   $python run.py -m "${sweep[@]}" optimizer.lr="$lrs" seed=0 "${common[@]}" hydra.sweep.dir="$out/tune$i"
-  $python -m vittm.tune "$out/tune$i" | sed 's/ *#.*//' | while read -r -a best; do
+  $python -m vittm.studies.tune "$out/tune$i" | sed 's/ *#.*//' | while read -r -a best; do
     folder=$(echo "${best[*]}" | tr -c 'A-Za-z0-9.\n-' '_')
     $python run.py -m "${fixed[@]}" "${best[@]}" seed=1,2 "${common[@]}" hydra.sweep.dir="$out/seeds$i/$folder"
   done

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 import vittm  # noqa: F401  (registers the models)
-from vittm.convert import convert
-from vittm.convert import main as convert_main
-from vittm.errors import ConfigError
-from vittm.files import CheckpointError
-from vittm.lit import ViTTMModule
+from vittm.core.errors import ConfigError
+from vittm.core.files import CheckpointError
 from vittm.models import WeightsError, load_weights, read_state_dict
+from vittm.models.convert import convert
+from vittm.models.convert import main as convert_main
+from vittm.tasks.classification import ClassificationModule
 
 DATA = Path(__file__).parent / "data" / "authors"
 FILES = sorted(p.name for p in DATA.glob("*.pt"))
@@ -80,7 +80,7 @@ def test_converted_file_reproduces_the_authors_logits(name, tmp_path):
 def test_finetune_start_keeps_the_authors_weights(name):
     data = fixture(name)
     model = {"name": "vittm_base", **our_kwargs(data["config"])}
-    module = ViTTMModule(model=model, optimizer=dict(opt="adamw", lr=1e-3),
+    module = ClassificationModule(model=model, optimizer=dict(opt="adamw", lr=1e-3),
                          schedule=dict(name="cosine", warmup_steps=0), loss=dict(name="ce"))
     report = module.load_pretrained(str(DATA / name))
     assert report.fmt == "authors" and "both heads kept" in report.heads
@@ -197,7 +197,7 @@ AUTHORS_MODEL = ["model.name=vittm_base", "model.embed_dim=48", "model.depth=2",
 def test_run_eval_and_finetune_take_the_authors_files(tmp_path, capsys):
     from helpers import compose_cfg, make_image_folder
 
-    from vittm.train import evaluate, train
+    from vittm.tasks.run import evaluate, train
 
     folder = make_image_folder(tmp_path / "folder", ("train", "val"), [f"c{i}" for i in range(10)], per_class=2)
     common = [*AUTHORS_MODEL, "data=imagefolder", f"data.root={folder}", "data.batch_size=4", "data.num_workers=0",

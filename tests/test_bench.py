@@ -17,9 +17,9 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from tests.helpers import CONF, ROOT
-from vittm.bench import run, write_outputs
-from vittm.cost import measure
-from vittm.errors import ConfigError
+from vittm.bench.cost import measure
+from vittm.bench.speed import run, write_outputs
+from vittm.core.errors import ConfigError
 from vittm.models import create_model
 
 # vit_tiny and vittm_tiny at 112 px (divisible by 16 and 28): real twins, so the ratio line is produced too
@@ -59,7 +59,7 @@ def test_bench_bad_input(tmp_path, override, key):
 
 
 def test_bench_cost_meter_columns_and_blocked_timer(tmp_path):
-    """The meter's columns beside the timings (its counts are the model's own, vittm.cost), the authors'
+    """The meter's columns beside the timings (its counts are the model's own, vittm.bench.cost), the authors'
     blocked_autorange timer, and compile=auto resolved (eager on CPU) and said so."""
     cfg = bench_cfg(tmp_path, "bench.modes=[inference,train]", "bench.batch_sizes=[2]", "bench.timer=blocked_autorange",
                     "bench.min_run_time=0.05")
@@ -186,7 +186,7 @@ def test_bench_macs_keep_their_precision(tmp_path):
 def test_bench_plot_colours_and_readable_ticks():
     from matplotlib.pyplot import close
 
-    from vittm.bench import figure
+    from vittm.bench.speed import figure
 
     rows = fake_rows(MODELS)
     fig = figure(rows, {m: 0.8 + i / 100 for i, m in enumerate(MODELS)})

@@ -7,8 +7,8 @@ import json
 import pytest
 from helpers import TINY, compose_cfg, run_cli
 
-from vittm.registry import FUSIONS, RW_HEADS
-from vittm.train import evaluate
+from vittm.core.registry import FUSIONS, RW_HEADS
+from vittm.tasks.run import evaluate
 
 
 @pytest.mark.parametrize(("group", "names"), [("rw_head", RW_HEADS.names()), ("fusion", FUSIONS.names())])

@@ -9,8 +9,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import vittm  # noqa: F401
-from vittm.registry import REGISTRIES
-from vittm.summary import build_from_config
+from vittm.core.registry import REGISTRIES
+from vittm.training.summary import build_from_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -14,8 +14,8 @@ from helpers import compose_cfg, run_cli
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
-from vittm.console import LIGHTNING_INFO, ProgressBar, quiet_lightning
-from vittm.train import build_trainer
+from vittm.training.console import LIGHTNING_INFO, ProgressBar, quiet_lightning
+from vittm.training.trainer import build_trainer
 
 NOISE = ("GPU available", "TPU available", "Tip:", "💡", "is deprecated", "log_every_n_steps", "wandb:", "v_num",
          "site-packages")

@@ -1,5 +1,5 @@
-"""The cost meter (vittm.cost) on modules whose kernels and bytes are known, and the model's counts pinned per layer
-(deterministic: a change that adds kernels to a ViTTM layer shows here)."""
+"""The cost meter (vittm.bench.cost) on modules whose kernels and bytes are known, and the model's counts pinned per
+layer (deterministic: a change that adds kernels to a ViTTM layer shows here)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vittm.cost import inductor_kernels, measure
+from vittm.bench.cost import inductor_kernels, measure
 from vittm.models import create_model
 
 

@@ -21,10 +21,10 @@ from PIL import Image
 ffcv = pytest.importorskip("ffcv", reason="the FFCV extra is not installed (make setup builds it)")
 pytestmark = pytest.mark.ffcv
 
+from vittm.core.errors import ConfigError  # noqa: E402
 from vittm.data.datamodule import ImageDataModule  # noqa: E402
 from vittm.data.ffcv_loader import FFCVDataModule  # noqa: E402
 from vittm.data.write_ffcv import WriterSettings, main, write_split  # noqa: E402
-from vittm.errors import ConfigError  # noqa: E402
 
 CLASSES, PER_CLASS = ["ankle", "bag", "coat"], 8  # 24 readable images per split
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]

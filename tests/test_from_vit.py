@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 import vittm  # noqa: F401
-from vittm.files import CheckpointError
+from vittm.core.files import CheckpointError
 from vittm.models import WeightsError, load_weights
 
 # A ViT with vittm_test's widths (D 32, 2 blocks, 2 heads, MLP ratio 2) and 16x16 patches on 32x32 images.

@@ -8,8 +8,8 @@ import torch
 import wandb
 from helpers import TINY, compose_cfg
 
-from vittm.lit import ViTTMModule
-from vittm.train import train
+from vittm.tasks.classification import ClassificationModule
+from vittm.tasks.run import train
 
 
 def test_wandb_offline_records_the_config(tmp_path, monkeypatch):
@@ -36,10 +36,10 @@ def test_tensorboard_and_csv_together(tmp_path):
 def test_checkpoint_keys_from_a_compiled_module_load_uncompiled():
     kwargs = dict(model=dict(name="vittm_test", num_classes=4, in_chans=1), optimizer=dict(opt="adamw", lr=1e-3),
                   schedule=dict(name="cosine", warmup_steps=0), loss=dict(name="ce"))
-    module = ViTTMModule(**kwargs)
+    module = ClassificationModule(**kwargs)
     # a checkpoint written by code that compiled the module in place carries "_orig_mod." in its keys
     foreign = {"state_dict": {k.replace("net.", "net._orig_mod."): v for k, v in module.state_dict().items()}}
-    fresh = ViTTMModule(**kwargs)
+    fresh = ClassificationModule(**kwargs)
     fresh.on_load_checkpoint(foreign)
     fresh.load_state_dict(foreign["state_dict"])
     for key, value in module.state_dict().items():
@@ -52,8 +52,8 @@ def test_compiled_training_checkpoint_loads_uncompiled_and_back(tmp_path):
     ckpt = tmp_path / "compiled" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert not any("_orig_mod" in k for k in state)
-    plain = ViTTMModule.load_from_checkpoint(ckpt, compile=False, weights_only=True)
-    compiled = ViTTMModule.load_from_checkpoint(ckpt, compile=True, weights_only=True)
+    plain = ClassificationModule.load_from_checkpoint(ckpt, compile=False, weights_only=True)
+    compiled = ClassificationModule.load_from_checkpoint(ckpt, compile=True, weights_only=True)
     x = torch.randn(4, 1, 28, 28)
     plain.eval(), compiled.eval()
     with torch.no_grad():

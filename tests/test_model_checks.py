@@ -1,5 +1,5 @@
-"""Every key of every model and component config checked before anything is built (vittm.model_checks): a bad value
-of each key is refused naming the full key, the shipped configs pass, no yaml key lacks a rule, and run.py stops
+"""Every key of every model and component config checked before anything is built (vittm.training.model_checks): a bad
+value of each key is refused naming the full key, the shipped configs pass, no yaml key lacks a rule, and run.py stops
 with one ``error:`` line before training."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 
-from vittm.model_checks import BASELINE_KEYS, COMPONENT_KEYS, VITTM_KEYS, build_problem, model_config_problems
+from vittm.core.registry import REGISTRIES, knob_names
 from vittm.models import ViTTM, is_vittm
-from vittm.registry import REGISTRIES, knob_names
-from vittm.validate import model_problems
+from vittm.training.model_checks import BASELINE_KEYS, COMPONENT_KEYS, VITTM_KEYS, build_problem, model_config_problems
+from vittm.training.validate import model_problems
 
 COMPONENTS = ("rw_head", "fusion", "process_embed", "memory_block")
 

@@ -13,9 +13,9 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 import vittm  # noqa: F401  (registers the models)
-from vittm.flops import count_macs, count_params
+from vittm.core.registry import FUSIONS, MEMORY_BLOCKS, PROCESS_EMBEDS, RW_HEADS
 from vittm.models import ViTTM, create_model, forward_heads
-from vittm.registry import FUSIONS, MEMORY_BLOCKS, PROCESS_EMBEDS, RW_HEADS
+from vittm.models.flops import count_macs, count_params
 
 HEADS, FUSES, EMBEDS, MEMS = RW_HEADS.names(), FUSIONS.names(), PROCESS_EMBEDS.names(), MEMORY_BLOCKS.names()
 SIZE_BOUND = {"tl", "dyna", "add_erase"}  # their weights depend on the token counts

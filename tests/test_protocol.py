@@ -12,9 +12,10 @@ import torch
 from helpers import TINY, compose_cfg, run_cli
 
 from vittm.data.datamodule import DataConfigError, ImageDataModule, split_indices
-from vittm.lit import fit_to_run
-from vittm.train import build_datamodule, evaluate, model_overrides, refuse_ignored_overrides, summary, train
-from vittm.validate import ConfigError
+from vittm.tasks.classification import ClassificationTask
+from vittm.tasks.run import evaluate, model_overrides, refuse_ignored_overrides, summary, train
+from vittm.training.module import fit_to_run
+from vittm.training.validate import ConfigError
 
 
 def test_split_indices_are_fixed_disjoint_and_in_order():
@@ -32,16 +33,16 @@ def test_split_indices_are_fixed_disjoint_and_in_order():
 
 def test_fashion_mnist_holds_out_5000_training_images_for_validation(tmp_path):
     cfg = compose_cfg(tmp_path)
-    data = build_datamodule(cfg)
+    data = ClassificationTask.datamodule(cfg)
     assert isinstance(data, ImageDataModule)
     assert data.split_sizes["train"] == 55000 and data.split_sizes["val"] == 5000 and data.split_sizes["test"] == 10000
     held_out = set(data.val_set.indices)
     assert not held_out & set(data.train_set.indices)  # never trained on
     for seed in (0, 3):  # the run's seed does not move the split
-        other = build_datamodule(compose_cfg(tmp_path, f"seed={seed}"))
+        other = ClassificationTask.datamodule(compose_cfg(tmp_path, f"seed={seed}"))
         other.setup()
         assert set(other.val_set.indices) == held_out
-    legacy = build_datamodule(compose_cfg(tmp_path, "data.val_split=0"))
+    legacy = ClassificationTask.datamodule(compose_cfg(tmp_path, "data.val_split=0"))
     assert not legacy.has_test() and legacy.split_sizes["val"] == 10000
 
 
@@ -50,7 +51,7 @@ def test_fashion_mnist_holds_out_5000_training_images_for_validation(tmp_path):
 def test_a_bad_split_setting_is_refused_naming_the_key(tmp_path, override):
     key = override.split("=")[0]
     with pytest.raises(DataConfigError, match=rf"^{key}="):
-        build_datamodule(compose_cfg(tmp_path, override))
+        ClassificationTask.datamodule(compose_cfg(tmp_path, override))
 
 
 def test_training_reports_validation_and_test_separately(tmp_path):
@@ -95,9 +96,9 @@ def test_max_steps_mid_epoch_still_validates_and_checkpoints(tmp_path):
 def test_only_the_memory_head_can_be_supervised(tmp_path):
     module = train(compose_cfg(tmp_path, *TINY, "loss.heads=memory", "checkpoint.save=false"))
     assert module["steps"] == 8
-    from vittm.lit import ViTTMModule
+    from vittm.tasks.classification import ClassificationModule
 
-    m = ViTTMModule(model=dict(name="vittm_test", num_classes=10), optimizer=dict(opt="adamw", lr=1e-3),
+    m = ClassificationModule(model=dict(name="vittm_test", num_classes=10), optimizer=dict(opt="adamw", lr=1e-3),
                     schedule=dict(name="cosine", warmup_steps=1), loss=dict(name="ce", heads="memory"))
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
     loss = sum(m.criterion(m.outputs(x)[h], y) for h in m.supervised_heads)

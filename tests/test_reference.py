@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import vittm  # noqa: F401
-from vittm.registry import RW_HEADS
+from vittm.core.registry import RW_HEADS
 
 
 def phi(x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 import pytest
 from torch import nn
 
-from vittm.registry import REGISTRIES, Registry, knob_names
+from vittm.core.registry import REGISTRIES, Registry, knob_names
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The sweep report (vittm.report) on job folders faked by the tests: what a training job leaves behind
+"""The sweep report (vittm.studies.report) on job folders faked by the tests: what a training job leaves behind
 (metrics.json, .hydra/config.yaml, .hydra/overrides.yaml), without training anything."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-import vittm.report as report_module
-from vittm.report import main, report, significant
+import vittm.studies.report as report_module
+from vittm.studies.report import main, report, significant
 
 BASE_CONFIG = {
     "seed": 0, "output_dir": "${hydra:runtime.output_dir}",
@@ -307,8 +307,8 @@ def test_pooled_sweeps_fill_a_key_a_job_did_not_set_from_its_own_config(tmp_path
 
 
 def test_tune_prints_each_configurations_validation_choice(tmp_path, capsys):
-    """vittm.tune makes the report's choice (validation only) into the overrides of the second stage."""
-    from vittm.tune import main as tune
+    """vittm.studies.tune makes the report's choice (validation only) into the overrides of the second stage."""
+    from vittm.studies.tune import main as tune
 
     sweep = tmp_path / "tune"
     for i, (head, lr, val, test) in enumerate([("lin", "0.002", 0.70, 0.90), ("lin", "0.004", 0.80, 0.10),

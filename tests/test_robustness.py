@@ -21,7 +21,12 @@ import torch
 from helpers import TINY, compose_cfg, make_image_folder, run_cli, start_cli
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from vittm.checkpoints import (
+from vittm.data.bad_images import UnreadableImageError
+from vittm.models import read_state_dict
+from vittm.tasks.classification import ClassificationModule
+from vittm.tasks.run import evaluate, train
+from vittm.training.callbacks import StopSignals
+from vittm.training.checkpoints import (
     AtomicCheckpointIO,
     CheckpointError,
     UnsafeCheckpointError,
@@ -29,11 +34,8 @@ from vittm.checkpoints import (
     load_checkpoint,
     save_weights,
 )
-from vittm.data.bad_images import UnreadableImageError
-from vittm.lit import NonFiniteError, ViTTMModule
-from vittm.models import read_state_dict
-from vittm.train import StopSignals, evaluate, train
-from vittm.validate import ConfigError
+from vittm.training.module import NonFiniteError
+from vittm.training.validate import ConfigError
 
 # Every source of randomness in play: data order, per-image crop and flip, drop-path, mixup (numpy), EMA.
 # 2048 images in batches of 32: 64 optimizer steps per epoch, 128 in all, long enough to kill at a random step.
@@ -352,10 +354,10 @@ class NaNGradientOnce(Callback):
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nonfinite_gradient_is_caught_before_the_update(tmp_path, monkeypatch, policy):
-    import vittm.train
+    import vittm.tasks.run
 
-    original = vittm.train.checkpoint_callbacks
-    monkeypatch.setattr(vittm.train, "checkpoint_callbacks", lambda *a: [*original(*a), NaNGradientOnce()])
+    original = vittm.tasks.run.checkpoint_callbacks
+    monkeypatch.setattr(vittm.tasks.run, "checkpoint_callbacks", lambda *a: [*original(*a), NaNGradientOnce()])
     cfg = compose_cfg(tmp_path, *TINY, f"nonfinite={policy}")
     if policy == "stop":
         with pytest.raises(NonFiniteError, match=r"^nonfinite=stop: the gradient norm is nan at step 3 \(epoch 0, "
@@ -369,7 +371,7 @@ def test_nonfinite_gradient_is_caught_before_the_update(tmp_path, monkeypatch, p
 
 
 def test_nonfinite_weights_are_never_saved():
-    module = ViTTMModule(model=dict(name="vittm_test", num_classes=4), optimizer=dict(opt="adamw", lr=1e-3),
+    module = ClassificationModule(model=dict(name="vittm_test", num_classes=4), optimizer=dict(opt="adamw", lr=1e-3),
                          schedule=dict(name="cosine", warmup_steps=0), loss=dict(name="ce"))
     with torch.no_grad():
         next(module.net.parameters())[0] = float("inf")

@@ -18,8 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from vittm.report import pareto, report
-from vittm.sweep import run_group
+from vittm.studies.report import pareto, report
+from vittm.studies.sweep import run_group
 
 # One optimizer step per job, no checkpoints: the sweep machinery is under test, not the training.
 QUICK = [*TINY, "data.train_subset=64", "data.val_subset=64", "checkpoint.save=false"]

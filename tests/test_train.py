@@ -9,9 +9,9 @@ import torch
 from helpers import TINY, compose_cfg, make_image_folder, make_imagenet
 from safetensors.torch import load_file
 
-from vittm.lit import ViTTMModule
-from vittm.train import evaluate, train
-from vittm.validate import ConfigError
+from vittm.tasks.classification import ClassificationModule
+from vittm.tasks.run import evaluate, train
+from vittm.training.validate import ConfigError
 
 
 def weights(ckpt_path) -> dict[str, torch.Tensor]:
@@ -33,7 +33,8 @@ def test_train_checkpoints_metrics_reload_and_eval(tmp_path):
     assert set(metrics["best"]) == heads  # both heads and model(x), live and EMA
     assert all(metrics["best"][k] >= metrics["final"][k] for k in heads)  # one epoch: best == final
 
-    module = ViTTMModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True)  # nothing else
+    # nothing else needed
+    module = ClassificationModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True)
     exported = load_file(ckpts / "ema_weights.safetensors")
     for key, value in module.ema.module.state_dict().items():
         torch.testing.assert_close(exported[key], value)
@@ -48,7 +49,7 @@ def test_train_checkpoints_metrics_reload_and_eval(tmp_path):
 def test_cuda_graph_calls_copy_their_outputs_out():
     """Under reduce-overhead every call starts a new CUDA-graph step and copies its outputs out, so the live and EMA
     logits of one validation batch are separate tensors (checked here on the eager callables, on CPU)."""
-    module = ViTTMModule(
+    module = ClassificationModule(
         model=dict(name="vittm_test", num_classes=10), optimizer=dict(opt="adamw", lr=1e-3),
         schedule=dict(name="cosine", warmup_steps=1), loss=dict(name="ce"), ema=dict(enabled=True, decay=0.9),
     ).eval()
@@ -86,7 +87,7 @@ def test_finetune_from_pretrained_with_new_classes_and_freezing(tmp_path):
     )
     result = train(cfg)
     assert result["num_classes"] == 3
-    module = ViTTMModule.load_from_checkpoint(tmp_path / "ft" / "checkpoints" / "last.ckpt", weights_only=True)
+    module = ClassificationModule.load_from_checkpoint(tmp_path / "ft" / "checkpoints" / "last.ckpt", weights_only=True)
     assert module.net.head.out_features == 3
     pre_ema = weights(pre / "checkpoints" / "last.ckpt")
     tuned = module.net.state_dict()
@@ -107,7 +108,7 @@ def test_finetune_from_pretrained_with_new_classes_and_freezing(tmp_path):
      ("peft", "memory_pos_embed", "process_embed.proj.weight")],
 )
 def test_freeze_modes(mode, trains, frozen):
-    module = ViTTMModule(
+    module = ClassificationModule(
         model=dict(name="vittm_test", num_classes=4), optimizer=dict(opt="adamw", lr=1e-3),
         schedule=dict(name="cosine", warmup_steps=0), loss=dict(name="ce"), freeze=mode,
     )

@@ -4,9 +4,10 @@
 ``vittm.load_weights(model, path)`` loads any weight file we know (ours, the authors', a timm ViT) exactly.
 """
 
-from vittm import models, sweep  # noqa: F401  (registers the timm entrypoints and the config resolvers)
+from vittm import models  # noqa: F401  (registers the timm entrypoints)
+from vittm.core.registry import FUSIONS, MEMORY_BLOCKS, PROCESS_EMBEDS, REGISTRIES, RW_HEADS, Registry
 from vittm.models import ViTTM, load_weights
-from vittm.registry import FUSIONS, MEMORY_BLOCKS, PROCESS_EMBEDS, REGISTRIES, RW_HEADS, Registry
+from vittm.studies import sweep  # noqa: F401  (registers the config resolvers)
 
 load_vit_checkpoint = load_weights  # its former name, from when only timm ViT files were read
 

@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from vittm.errors import ConfigError
+from vittm.core.errors import ConfigError
 
 POLICIES = ("skip", "fail")
 # What PIL raises for files it cannot decode: not an image, truncated data, broken chunks, decompression bombs.

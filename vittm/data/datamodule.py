@@ -26,11 +26,11 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.datasets import ImageFolder, ImageNet
 
+from vittm.core.errors import ConfigError
 from vittm.data import fashion_mnist
 from vittm.data.bad_images import POLICIES, DropUnreadable, SkipUnreadable, logged_paths, read_image
 from vittm.data.resume import EpochLoader, EpochSampler, SeededBatches
 from vittm.data.transforms import BatchTransform, eval_transform, train_transform
-from vittm.errors import ConfigError
 
 
 class DataConfigError(ConfigError):
@@ -98,6 +98,8 @@ def unwrap(dataset: Dataset) -> Dataset:
 
 class ImageDataModule(L.LightningDataModule):
     """Train/val loaders for ``dataset`` (one of ``DATASETS``); see conf/data/*.yaml for every key."""
+
+    exact_resume = True  # a resumed epoch continues at the exact batch (vittm.data.resume): Lightning cannot see it
 
     def __init__(
         self,

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from vittm.core.errors import ConfigError
 from vittm.data.write_ffcv import ffcv_missing_message
-from vittm.errors import ConfigError
 
 
 def check_beton(path: str | None, key: str) -> dict[str, Any]:

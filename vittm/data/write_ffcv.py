@@ -30,8 +30,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from vittm.core.errors import ConfigError
 from vittm.data import fashion_mnist
-from vittm.errors import ConfigError
 
 SOURCES = ("imagefolder", "imagenet", "in21kp", "fashion_mnist")
 SPLIT_DIRS = {

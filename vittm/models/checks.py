@@ -15,7 +15,7 @@ import torch
 from timm.layers import register_notrace_function, resample_abs_pos_embed
 from torch.fx.node import has_side_effect
 
-from vittm.registry import Spec
+from vittm.core.registry import Spec
 
 GLOBAL_POOLS = ("avg", "")  # mean over tokens, or none (timm's way to ask for unpooled tokens)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-from vittm.registry import PROCESS_EMBEDS
+from vittm.core.registry import PROCESS_EMBEDS
 
 
 def default_tokens(img_size: tuple[int, int], process_ps: int) -> int:

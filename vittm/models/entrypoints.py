@@ -17,9 +17,9 @@ from typing import Any
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from vittm.core.registry import spec_name
 from vittm.models.loading import weights_filter
 from vittm.models.vittm import ViTTM
-from vittm.registry import spec_name
 
 # Widths of timm's ViTs (SPEC §7); vittm_test is a few-thousand-parameter model for CI on 32x32 inputs.
 SIZES: dict[str, dict[str, Any]] = {

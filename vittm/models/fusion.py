@@ -11,7 +11,7 @@ from timm.layers import register_notrace_function
 from torch import nn
 from torch.fx.node import has_side_effect
 
-from vittm.registry import FUSIONS
+from vittm.core.registry import FUSIONS
 
 
 @register_notrace_function  # torch.fx calls it as it is instead of tracing its shape test,

@@ -4,7 +4,7 @@ written out (SPEC §4, same maths as ``reference``).
 Per head (h heads, batched as B·h): Q = φ(dst W_qᵀ + b_q) (M, c/h), K = φ(kv[:c]) (N, c/h), X = [V | 1] (N, D/h + 1),
 S = Kᵀ X (c/h, D/h + 1): [Σ kᵀv | Σ k]; ND = Q S + [0 … 0, eps]: [numerator | denominator]; out = dst + num / den.
 
-Why by hand (autograd's version of the same ops launches about twice the kernels, measured with ``vittm.cost``):
+Why by hand (autograd's version of the same ops launches about twice the kernels, measured with ``vittm.bench.cost``):
 - Inside a Function the forward and backward run without autograd, so element-wise ops can write straight into the
   layout the next matmul wants (``out=`` a permuted view): φ and the per-head layout copy are one kernel, the ones
   column comes with the copy of V (``cat`` with an expanded constant), the eps comes with the second matmul

@@ -3,9 +3,9 @@
 Every path that accepts weights goes through ``load_weights``: timm's ``pretrained=True,
 pretrained_cfg_overlay=dict(file=...)`` (the entrypoints set timm's ``custom_load``, so timm calls
 ``ViTTM.load_pretrained``), ``finetune.from_ckpt=``, ``mode=eval ckpt_path=`` for a weights file, and ``python -m
-vittm.convert`` (``read_state_dict`` + ``to_vittm_layout``, no model needed).
+vittm.models.convert`` (``read_state_dict`` + ``to_vittm_layout``, no model needed).
 
-What a file may hold (read weights-only, or as ``.safetensors``; vittm.files):
+What a file may hold (read weights-only, or as ``.safetensors``; vittm.core.files):
 - a state dict in our layout, the authors' (vittm.models.authors) or a timm ViT's (vittm.models.from_vit: an
   initialisation of the encoder, the rest stays fresh and the load says so);
 - wrapped as training tools save them: a Lightning checkpoint (ours: ``net.*``/``ema.module.*``; the authors':
@@ -34,8 +34,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models._manipulate import adapt_input_conv
 from torch import nn
 
-from vittm.errors import ConfigError
-from vittm.files import read_weight_file
+from vittm.core.errors import ConfigError
+from vittm.core.files import read_weight_file
 from vittm.models.authors import convert_authors_state_dict, is_authors_layout
 from vittm.models.from_vit import convert_vit_state_dict
 from vittm.models.vittm import ViTTM

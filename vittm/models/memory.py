@@ -12,7 +12,7 @@ import torch
 from timm.layers import GlobalResponseNormMlp, Mlp
 from torch import nn
 
-from vittm.registry import MEMORY_BLOCKS
+from vittm.core.registry import MEMORY_BLOCKS
 
 
 @MEMORY_BLOCKS.register("none")

@@ -21,10 +21,10 @@ from timm.layers import Mlp, register_notrace_function
 from torch import nn
 from torch.fx.node import has_side_effect
 
+from vittm.core.registry import RW_HEADS
 from vittm.models.linear_attention import LinearAttention, autocast_dtype, fused_applies
 from vittm.models.linear_attention import kernels as linear_attention_kernels
 from vittm.models.linear_attention import reference as linear_attention_reference
-from vittm.registry import RW_HEADS
 
 
 def latent_width(dim: int, scale: int, name: str, num_heads: int | None = None) -> int:

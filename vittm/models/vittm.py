@@ -6,7 +6,7 @@ The contract this file implements is shared/SPEC.md §1-3 and §7.
 Two token streams of width D: a large *memory* stream M that never enters a transformer block, and a small
 *process* stream P that does. In every layer P reads from M, runs one ViT block, and writes back to M.
 The parts that vary between papers' ablations (read/write heads, fusion, process embedder, memory block) come
-from the registries in ``vittm.registry``; this file only wires them, and speaks timm's model API.
+from the registries in ``vittm.core.registry``; this file only wires them, and speaks timm's model API.
 """
 
 # No ``from __future__ import annotations`` here: torch.fx writes the annotations of forward() into the code it
@@ -24,12 +24,12 @@ from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vittm.core.registry import FUSIONS, MEMORY_BLOCKS, PROCESS_EMBEDS, RW_HEADS, Spec
 from vittm.models.checks import check_config, check_global_pool, check_input_size, grid_pos_table
 from vittm.models.embed import PatchProcessEmbed, embed_patches, patchify
 from vittm.models.fusion import ResidualFusion
 from vittm.models.linear_attention import autocast_dtype
 from vittm.models.memory import NoMemoryBlock
-from vittm.registry import FUSIONS, MEMORY_BLOCKS, PROCESS_EMBEDS, RW_HEADS, Spec
 
 EvalHead = Literal["memory", "process", "mean"]
 EVAL_HEADS = ("memory", "process", "mean")

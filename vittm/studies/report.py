@@ -1,4 +1,4 @@
-"""Gather sweeps into tables and plots: ``python -m vittm.report DIR [DIR ...] [--out OUT] [--tune KEY]
+"""Gather sweeps into tables and plots: ``python -m vittm.studies.report DIR [DIR ...] [--out OUT] [--tune KEY]
 [--select HEAD]`` (``make report``).
 
 ``DIR``: a multirun folder (``hydra.sweep.dir``), or a folder of them (searched three levels down, e.g. a study's
@@ -45,6 +45,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vittm.core.figures import colours, significant
+
 HEADS = {  # column suffix -> metric name after the split ("val", "test"); "_ema" marks the EMA weights
     "acc1": "/acc1",  # what model(x) returns: the memory head for ViTTM, the only head for a baseline
     "memory_acc1": "/memory_acc1",
@@ -63,12 +65,6 @@ BUDGET = ("seed", "model.", "optimizer.", "schedule.", "ema.", "loss.", "augment
 SHARED_CPU = "measured while other jobs shared the CPU: compare within this report only"
 
 
-def significant(value: float, figures: int = 3) -> str:
-    """At least ``figures`` significant figures and no exponent: 0.00362, 17.6, 1234 (never fixed decimals, which
-    turn a small model's 0.00362 GMACs into 0.004)."""
-    if value == 0 or not math.isfinite(value):
-        return f"{value:g}"
-    return f"{value:.{max(0, figures - 1 - math.floor(math.log10(abs(value))))}f}"
 
 
 def split_override(text: str) -> tuple[str, str]:
@@ -444,16 +440,6 @@ def label(g: dict[str, Any], axes: list[str]) -> str:
     return ",".join(str(g[a]) for a in axes) or "defaults"
 
 
-def colours(labels: list[str]) -> dict[str, tuple]:
-    """One colour per configuration, the same in every figure of a report (sorted labels: reruns agree too)."""
-    import matplotlib
-
-    names = sorted(set(labels))
-    if len(names) <= 20:  # qualitative maps: neighbours clearly distinct
-        cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
-        return {name: cmap(i) for i, name in enumerate(names)}
-    cmap = matplotlib.colormaps["turbo"]
-    return {name: cmap(i / (len(names) - 1)) for i, name in enumerate(names)}
 
 
 def scatter(groups: list[dict[str, Any]], axes: list[str], metric: str, x: str, xlabel: str, higher_x_better: bool,

@@ -8,7 +8,7 @@ process. Warm-up runs are excluded; latency is the median (and inter-quartile ra
 threads are pinned and reported. A reference matmul measured in the same run (fp32, or under the same bf16/fp16
 autocast as the models) gives the machine's attainable FLOP/s, against which each model's achieved FLOP/s
 (2 x MACs x batch / latency) is stated.
-Every row also has the cost meter's columns (``vittm.cost``): eager kernels and non-matmul bytes per step, and
+Every row also has the cost meter's columns (``vittm.bench.cost``): eager kernels and non-matmul bytes per step, and
 inductor's kernel count when compiled. ``bench.timer=blocked_autorange`` times each entry the authors' way instead of
 round-robin; ``preset=paper`` is their whole protocol (conf/preset/paper.yaml).
 Writes ``bench.csv``, ``bench.md`` and ``bench.png`` (throughput vs MACs, plus accuracy when ``bench.results``
@@ -35,12 +35,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch._inductor import config as inductor_config
 from torch._inductor import metrics as inductor_metrics
 
-from vittm.cost import measure
-from vittm.errors import ConfigError
-from vittm.flops import count_macs, count_params
-from vittm.lit import COMPILE_MODES, compile_options, is_compile_setting, resolve_compile
+from vittm.bench.cost import measure
+from vittm.core.errors import ConfigError
+from vittm.core.figures import colours, significant
 from vittm.models import ViTTM, create_model
-from vittm.report import colours, significant
+from vittm.models.flops import count_macs, count_params
+from vittm.training.module import COMPILE_MODES, compile_options, is_compile_setting, resolve_compile
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIMERS = ("round_robin", "blocked_autorange")
@@ -162,8 +162,8 @@ def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str, autocast, compil
 
 
 def meter_columns(parts: dict[str, Any], batch: int, sync) -> dict[str, Any]:
-    """The cost meter's columns for one entry (its eager kernels and non-matmul bytes, see vittm.cost), counted on a
-    step run after the warm-up, so the optimizer's state already exists (a steady-state step)."""
+    """The cost meter's columns for one entry (its eager kernels and non-matmul bytes, see vittm.bench.cost), counted
+    on a step run after the warm-up, so the optimizer's state already exists (a steady-state step)."""
     if "forward" in parts:
         cost = measure(parts["forward"])
         return {"kernels": cost.kernels, "MB_per_img": round(cost.bytes / batch / 1e6, 2)}
@@ -329,7 +329,7 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, results: str | None) ->
         lines += ["kernels: eager ATen kernels per inference forward or per training step (forward, backward and "
                   "AdamW step; optim_kernels of them the optimizer's); MB_per_img: bytes written by non-matmul ops "
                   "per image (a training step's forward and backward; optim_MB: the optimizer's per step); "
-                  "inductor_kernels: kernels inductor generated for the compiled entry (vittm.cost)", ""]
+                  "inductor_kernels: kernels inductor generated for the compiled entry (vittm.bench.cost)", ""]
     lines += ratios(rows)
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "bench.png", load_accuracy(results))
@@ -401,7 +401,7 @@ def plot(rows: list[dict[str, Any]], path: Path, accuracy: dict[str, float]) -> 
     plt.close(fig)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
     try:
         rows = run(cfg)

@@ -1,10 +1,10 @@
 """Lightning's checkpoints, surviving crashes and strangers: atomic writes, weights-only reads, ``resume=auto``.
 
 - ``AtomicCheckpointIO`` (a Lightning CheckpointIO plugin): every checkpoint is written to a hidden temporary file
-  next to its final name, flushed to disk, then renamed over it (``vittm.files.atomic_write``), so a crash mid-save
+  next to its final name, flushed to disk, then renamed over it (``vittm.core.files.atomic_write``), so a crash mid-save
   never leaves a truncated ``last.ckpt``. Lightning's own writer goes through an fsspec transaction whose temporary
   file lives in the system temp directory: on a cluster that is another file system, where the final move is a copy
-  that a crash truncates. Reads go through ``vittm.files.load_checkpoint`` (weights-only, one clear error line).
+  that a crash truncates. Reads go through ``vittm.core.files.load_checkpoint`` (weights-only, one clear error line).
 - ``find_resume``: ``resume=auto`` picks the newest checkpoint of the run directory that loads, warning about each
   newer one it had to pass over.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from vittm.files import (  # noqa: F401  (re-exported: the training code's file helpers in one place)
+from vittm.core.files import (  # noqa: F401  (re-exported: the training code's file helpers in one place)
     CheckpointError,
     UnsafeCheckpointError,
     atomic_write,

@@ -1,11 +1,11 @@
-"""Pick a setting per configuration on the validation split: ``python -m vittm.tune SWEEP_DIR [--key optimizer.lr]
-[--select acc1]``.
+"""Pick a setting per configuration on the validation split: ``python -m vittm.studies.tune SWEEP_DIR [--key
+optimizer.lr] [--select acc1]``.
 
 A study tunes in two stages: a sweep over a small grid of ``--key`` (one seed), then the other seeds at each
 configuration's chosen value. This prints one line per configuration (the swept values other than ``seed`` and
 ``--key``) with the overrides of its best value, ready for the second stage's ``python run.py -m <line> seed=1,2``.
-The choice is the report's (``vittm.report --tune``): only the validation metric decides, the test split is never
-looked at.
+The choice is the report's (``vittm.studies.report --tune``): only the validation metric decides, the test split is
+never looked at.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vittm.report import HEADS, choose, collect, settle_swept
+from vittm.studies.report import HEADS, choose, collect, settle_swept
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vittm.checkpoints import load_checkpoint
+from vittm.core.errors import ConfigError
 from vittm.data.bad_images import POLICIES
-from vittm.errors import ConfigError
-from vittm.lit import COMPILE_MODES, NONFINITE, is_compile_setting
-from vittm.model_checks import build_problem, interpolation_sources, model_config_problems
 from vittm.models import create_model
+from vittm.training.checkpoints import load_checkpoint
+from vittm.training.model_checks import build_problem, interpolation_sources, model_config_problems
+from vittm.training.module import COMPILE_MODES, NONFINITE, is_compile_setting
 
 OPTIMIZERS = ("adamw", "sgd", "lamb")
 SCHEDULES = ("cosine", "poly")
@@ -174,8 +174,8 @@ def validate(cfg: DictConfig) -> None:
 
 def model_problems(cfg: DictConfig) -> list[str]:
     """The model's arguments, checked without data: every key's type and range, and the relations between them
-    (vittm.model_checks); when those pass, the model is built on the meta device (which allocates nothing) as a last
-    check, its error naming the key it mentions."""
+    (vittm.training.model_checks); when those pass, the model is built on the meta device (which allocates nothing)
+    as a last check, its error naming the key it mentions."""
     problems = model_config_problems(cfg.model)
     if problems:
         return problems

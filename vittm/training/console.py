@@ -1,6 +1,6 @@
 """What a run prints: the progress bar and the results on the console; everything else where it belongs.
 
-Each kind of noise is silenced at its source (vittm.train.build_trainer and build_loggers apply these):
+Each kind of noise is silenced at its source (vittm.tasks.run.build_trainer and build_loggers apply these):
 
 - Lightning's INFO messages (``GPU available: ...``, checkpoint restores) go through Python logging to the root
   logger only, which Hydra sends to ``<run>/run.log`` (conf/hydra/default.yaml), not through the console handlers

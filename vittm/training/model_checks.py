@@ -24,10 +24,10 @@ import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vittm.core.registry import REGISTRIES, knob_names
 from vittm.models import EVAL_HEADS, SIZES, ViTTM, is_vittm
 from vittm.models.checks import GLOBAL_POOLS
 from vittm.models.factory import VITTM_ONLY_ARGS
-from vittm.registry import REGISTRIES, knob_names
 
 
 def _int(value: Any) -> bool:

@@ -70,7 +70,7 @@ def count_macs(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m vittm.flops vittm_base vit_base_patch16_224 [--img-size 224] [--set memory_ps=16 ...]``"""
+    """``python -m vittm.models.flops vittm_base vit_base_patch16_224 [--img-size 224] [--set memory_ps=16 ...]``"""
     import argparse
 
     import yaml

@@ -1,5 +1,5 @@
-"""``python -m vittm.convert SRC DST``: a ViTTM weight file (the authors', or ours in any wrapper) -> ``.safetensors``
-in this framework's key names, printing what was mapped and what was dropped.
+"""``python -m vittm.models.convert SRC DST``: a ViTTM weight file (the authors', or ours in any wrapper) ->
+``.safetensors`` in this framework's key names, printing what was mapped and what was dropped.
 
 SRC may be anything vittm.models.loading reads (e.g. the authors' published EMA file, keys
 ``module._orig_mod.*`` + ``n_averaged``; a Lightning checkpoint; a plain state dict). DST is written atomically and
@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vittm.files import CheckpointError, save_weights
+from vittm.core.files import CheckpointError, save_weights
 from vittm.models.loading import FORMATS, WeightsError, describe, read_state_dict, to_vittm_layout
 
 
@@ -44,7 +44,7 @@ def convert(src: str | Path, dst: str | Path, overwrite: bool = False) -> list[s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vittm.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vittm.models.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", metavar="SRC", help="a ViTTM weight file (.pth/.pt/.bin/.ckpt/.safetensors)")
     parser.add_argument("dst", metavar="DST", help="the .safetensors file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")

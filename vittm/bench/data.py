@@ -1,5 +1,5 @@
 """Data-loader benchmark: FFCV vs torchvision ImageFolder on the same JPEGs, same output size, same augmentation,
-same worker count, in one run (``make bench-data`` or ``python -m vittm.bench_data``).
+same worker count, in one run (``make bench-data`` or ``python -m vittm.bench.data``).
 
 The JPEGs are made from Fashion-MNIST test images (no download): each is upscaled to a random size between
 ``--min-side`` and ``--max-side`` pixels (224 by default: "224-px JPEGs"), tinted per image so the three channels

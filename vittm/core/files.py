@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from vittm.errors import ConfigError
+from vittm.core.errors import ConfigError
 
 # Code-running pickles name what they would import; torch's weights-only unpickler quotes it in its error.
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")

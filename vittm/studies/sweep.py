@@ -78,7 +78,7 @@ for _name, _fn in (("job_dirname", job_dirname), ("sqlite_url", sqlite_url), ("r
 
 
 def record_failure(output_dir: str | Path, err: BaseException) -> None:
-    """Write the failed job's metrics.json (status, error, overrides) so that `vittm.report` can list it."""
+    """Write the failed job's metrics.json (status, error, overrides) so that `vittm.studies.report` can list it."""
     from hydra.core.hydra_config import HydraConfig
 
     out = Path(output_dir)

@@ -1,11 +1,9 @@
-"""The LightningModule: both heads' losses summed (SPEC §3), EMA, mixup/cutmix, metrics, optimizer and schedule.
+"""The LightningModule base every task builds on: EMA, optimizer and schedule, numerics, compile, freezing.
 
-Every constructor argument is a plain dict or scalar and is saved with ``save_hyperparameters()``, so
-``ViTTMModule.load_from_checkpoint(path)`` needs nothing else. Library pieces do the work: timm's model EMA, Mixup,
-losses, optimizer and scheduler factories; torchmetrics for accuracy.
-
-Metric names: ``train/loss``, ``val/memory_acc1``, ``val/process_acc5``, ``val_ema/memory_acc1``, ... and
-``val/acc1``/``val/acc5`` for what ``model(x)`` returns (the ``eval_head`` of a ViTTM, the logits of a baseline).
+A task (vittm.tasks.classification, vittm.tasks.segmentation) subclasses ``TrainingModule``: it builds ``self.net``,
+calls ``self.init_training()``, and defines ``_logits(net, x)`` (what a forward returns), its losses, metrics and
+steps. Everything below is the same for every task. Library pieces do the work: timm's model EMA, optimizer and
+scheduler factories.
 
 Numerics (``nonfinite``): a non-finite loss or gradient norm either stops the run with ``NonFiniteError`` naming the
 step, before the optimizer touches the weights (``stop``), or skips that update and counts it
@@ -22,18 +20,12 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from timm.data import Mixup
-from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
-from vittm.errors import ConfigError
-from vittm.models import ViTTM, WeightsReport, create_model, load_weights
+from vittm.core.errors import ConfigError
 
 NONFINITE = ("stop", "skip")
 
@@ -86,76 +78,31 @@ def compile_options(compile: bool | str, **extra: Any) -> dict[str, Any] | None:
     return {"mode": None if compile is True else compile, **extra}
 
 
-class ViTTMModule(L.LightningModule):
-    def __init__(
-        self,
-        model: dict[str, Any],
-        optimizer: dict[str, Any],
-        schedule: dict[str, Any],
-        loss: dict[str, Any],
-        augment: dict[str, Any] | None = None,
-        ema: dict[str, Any] | None = None,
-        freeze: str = "none",
-        compile: bool | str = False,
-        log_grad_norm: bool = False,
-        nonfinite: str = "stop",
-    ) -> None:
-        super().__init__()
-        if nonfinite not in NONFINITE:
-            raise ValueError(f"nonfinite={nonfinite!r}: choose one of {list(NONFINITE)}")
-        self.save_hyperparameters()
+class TrainingModule(L.LightningModule):
+    """What every task shares. A subclass sets ``self.net`` (the trained network), then calls ``init_training``;
+    it defines ``_logits(net, x)``, ``training_step``/``validation_step``/``test_step`` and its metrics.
+    ``self.hparams`` must hold ``optimizer``, ``schedule``, ``ema``, ``freeze``, ``compile``, ``log_grad_norm`` and
+    ``nonfinite`` (the subclass's ``save_hyperparameters()`` records them with its own arguments)."""
+
+    def init_training(self) -> None:
+        if self.hparams.nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite={self.hparams.nonfinite!r}: choose one of {list(NONFINITE)}")
         self.fit_plan: dict[str, Any] | None = None  # warmup and EMA decay as fitted to the run (fit_to_run)
         self.nonfinite_skipped = 0  # updates skipped for a non-finite loss or gradient (kept in checkpoints)
-        self.net = create_model(**model)
-        apply_freeze(self.net, freeze)
-        self.num_classes = model["num_classes"]
-        self.two_heads = isinstance(self.net, ViTTM)
+        apply_freeze(self.net, self.hparams.freeze)
         self.ema = self._new_ema()
-        self.set_compile(compile)
+        self.set_compile(self.hparams.compile)
 
-        aug = augment or {}
-        mixing = aug.get("mixup", 0) > 0 or aug.get("cutmix", 0) > 0
-        smoothing = loss.get("label_smoothing", 0.0)
-        self.mixup = Mixup(
-            mixup_alpha=aug.get("mixup", 0.0), cutmix_alpha=aug.get("cutmix", 0.0), prob=aug.get("mix_prob", 1.0),
-            switch_prob=0.5, mode="batch", label_smoothing=smoothing, num_classes=self.num_classes,
-        ) if mixing else None
-        if loss["name"] == "bce":
-            self.criterion = BinaryCrossEntropy(
-                smoothing=0.0 if mixing else smoothing,  # Mixup already smoothed the targets
-                target_threshold=loss.get("target_threshold"), sum_classes=loss.get("sum_classes", False),
-            )
-        elif mixing:
-            self.criterion = SoftTargetCrossEntropy()
-        else:
-            self.criterion = nn.CrossEntropyLoss(label_smoothing=smoothing)
+    def _logits(self, net: nn.Module, x: torch.Tensor) -> Any:
+        raise NotImplementedError  # the task's forward: logits, or a tuple of them
 
-        k = min(5, self.num_classes)
-        self.metrics = nn.ModuleDict()
-        prefixes = ("val", "val_ema", "test", "test_ema") if self.ema is not None else ("val", "test")
-        for prefix in prefixes:
-            for head in self.head_names + [""]:
-                for top in (1, 5):
-                    self.metrics[self.metric_key(prefix, head, top)] = MulticlassAccuracy(
-                        self.num_classes, top_k=min(top, k), average="micro"
-                    )
-            self.metrics[f"{prefix}|loss"] = MeanMetric()
-
-    # ------------------------------------------------------------------------------------------ helpers
-    @property
-    def head_names(self) -> list[str]:
-        return ["memory", "process"] if self.two_heads else []
-
-    @property
-    def supervised_heads(self) -> list[str]:
-        """The heads whose losses are summed: both (SPEC §3), or one (``loss.heads=memory``: the supervision of a
-        one-head ViT, for matched comparisons); a baseline's only output is ``""``."""
-        chosen = self.hparams.loss.get("heads", "all")
-        return (self.head_names if chosen == "all" else [chosen]) if self.two_heads else [""]
-
-    @staticmethod
-    def metric_key(prefix: str, head: str, top: int) -> str:
-        return f"{prefix}|{head + '_' if head else ''}acc{top}"  # ModuleDict keys cannot hold "/"
+    def training_loss(self, loss: torch.Tensor, batch_idx: int) -> bool:
+        """Log ``train/loss`` and the learning rate; False (skip this micro-batch) when the loss is not finite."""
+        if self.nonfinite_found("loss", loss, f"batch {batch_idx}"):
+            return False
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        return True
 
     def _new_ema(self) -> ModelEmaV3 | None:
         cfg = self.hparams.ema or {}
@@ -179,9 +126,6 @@ class ViTTMModule(L.LightningModule):
         self.__dict__["_run"] = torch.compile(live, **options) if options else live
         self.__dict__["_run_ema"] = torch.compile(ema, **options) if options else ema
 
-    def _logits(self, net: nn.Module, x: torch.Tensor) -> Any:
-        return net.forward_both(x) if self.two_heads else net(x)
-
     def _forward_raw(self, x: torch.Tensor) -> Any:
         return self._logits(self.net, x)
 
@@ -194,41 +138,6 @@ class ViTTMModule(L.LightningModule):
         torch.compiler.cudagraph_mark_step_begin()
         out = runner(x)
         return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
-
-    def outputs(self, x: torch.Tensor, ema: bool = False) -> dict[str, torch.Tensor]:
-        """Logits by head name, plus ``""`` for what ``model(x)`` returns; of the EMA model with ``ema``."""
-        raw = self._call(self.__dict__["_run_ema" if ema else "_run"], x)
-        if not self.two_heads:
-            return {"": raw}
-        memory, process = raw
-        evaluated = {"memory": memory, "process": process, "mean": (memory + process) / 2}[self.net.eval_head]
-        return {"memory": memory, "process": process, "": evaluated}
-
-    def load_pretrained(self, path: str) -> WeightsReport:
-        """Fine-tuning start: the weights in ``path`` (any format vittm.models.loading reads; the EMA weights of a
-        checkpoint that has them), both heads kept if their class count is the data's, else fresh; the EMA restarts
-        from the loaded weights."""
-        report = load_weights(self.net, path, key="finetune.from_ckpt")
-        apply_freeze(self.net, self.hparams.freeze)
-        self.ema = self._new_ema()
-        return report
-
-    # ----------------------------------------------------------------------------------------- training
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        target = y
-        if self.mixup is not None:
-            x, target = self.mixup(x, y)
-        out = self.outputs(x)
-        losses = {h: self.criterion(out[h], target) for h in self.supervised_heads}
-        loss = sum(losses.values())
-        if self.nonfinite_found("loss", loss, f"batch {batch_idx}"):
-            return None  # Lightning skips backward and this micro-batch's share of the update
-        self.log("train/loss", loss, prog_bar=True)
-        if self.two_heads:
-            self.log_dict({f"train/{h}_loss": v for h, v in losses.items()})
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
-        return loss
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable | None = None):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
@@ -265,32 +174,7 @@ class ViTTMModule(L.LightningModule):
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
         return True
 
-    # --------------------------------------------------------------------------------------- validation
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None, batch_idx: int) -> None:
-        self._score(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None, batch_idx: int) -> None:
-        self._score(batch, "test")  # the test split, once at the end (vittm.data.datamodule: three splits)
-
-    def _score(self, batch: tuple[torch.Tensor, torch.Tensor] | None, stage: str) -> None:
-        """Top-1/top-5 of every head and the loss, live and EMA, logged as ``<stage>/...`` and ``<stage>_ema/...``."""
-        if batch is None:  # every image of this batch was unreadable (vittm.data.bad_images)
-            return
-        x, y = batch
-        nets = [(stage, False)] + ([(f"{stage}_ema", True)] if self.ema is not None else [])
-        for prefix, ema in nets:
-            out = self.outputs(x, ema)
-            heads = self.head_names or [""]
-            # weighted by batch size: the mean over images, whatever the batches and ranks
-            self.metrics[f"{prefix}|loss"].update(sum(F.cross_entropy(out[h], y) for h in heads), weight=len(y))
-            for head, logits in out.items():
-                for top in (1, 5):
-                    self.metrics[self.metric_key(prefix, head, top)].update(logits, y)
-        for key, metric in self.metrics.items():  # logged as Metric objects: Lightning syncs, computes and resets
-            if key.split("|")[0] in (stage, f"{stage}_ema"):
-                self.log(key.replace("|", "/"), metric, on_step=False, on_epoch=True, prog_bar=key == f"{stage}|acc1")
-
-    # ---------------------------------------------------------------------------------- optimizer, schedule
     def configure_optimizers(self) -> dict[str, Any]:
         o = dict(self.hparams.optimizer)
         opt = create_optimizer_v2(
@@ -376,6 +260,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Mapping[str, Any
     return PolyLRScheduler(optimizer, power=schedule.get("power", 0.9), **common)
 
 
-def ema_state_dict(module: ViTTMModule) -> Mapping[str, torch.Tensor]:
+def ema_state_dict(module: TrainingModule) -> Mapping[str, torch.Tensor]:
     """The EMA weights (or the live ones without EMA) as a plain model state dict."""
     return (module.ema.module if module.ema is not None else module.net).state_dict()

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vittm.flops import count_macs, count_params
 from vittm.models import create_model, forward_heads
-from vittm.naming import model_label, params_note
+from vittm.models.flops import count_macs, count_params
+from vittm.training.naming import model_label, params_note
 
 
 def build_from_config(cfg: DictConfig) -> torch.nn.Module:

@@ -16,10 +16,10 @@ import time
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vittm.errors import ConfigError
-from vittm.flops import count_macs
+from vittm.core.errors import ConfigError
 from vittm.models import create_model
-from vittm.naming import config_choices
+from vittm.models.flops import count_macs
+from vittm.training.naming import config_choices
 
 NATIVE_SIZE = {"fashion_mnist": 28}  # datasets whose images all have one size
 
