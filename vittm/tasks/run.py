@@ -1,5 +1,5 @@
 """``train(cfg)`` and ``evaluate(cfg)`` for the task ``task.name`` names: what ``python run.py`` runs, testable
-without the command line. A task (``TASKS``: classification, segmentation) supplies its data module, its
+without the command line. A task (``task_named``: classification, segmentation) supplies its data module, its
 LightningModule and its summary table; the order of work and everything the runs write are the same for both.
 
 Order of work: validate every setting (vittm.training.validate) -> pick the checkpoint to resume
@@ -42,8 +42,6 @@ from vittm.training.trainer import (
     resolve_resume,
 )
 from vittm.training.validate import ConfigError, check_checkpoint, check_data_size, training_checkpoint, validate
-
-TASKS = ("classification", "segmentation")
 
 
 def task_named(name: str) -> Any:
@@ -182,11 +180,14 @@ def refuse_ignored_overrides(cfg: DictConfig, saved: dict[str, Any], overrides: 
         )
 
 
-def beside_checkpoint(ckpt_path: str, split: str) -> Path:
+def beside_checkpoint(ckpt_path: str, split: str) -> Path | None:
     """Where an evaluation's result is also written: in the checkpoint's run folder, ``eval_<ckpt>_<split>.json``
-    (numbered when one exists already: nothing is overwritten)."""
+    (numbered when one exists already: nothing is overwritten). None for a file outside a run folder of this
+    framework (a downloaded or converted weight file): its folder is not ours to write into."""
     ckpt = Path(ckpt_path).resolve()
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    if ckpt.parent.name != "checkpoints":
+        return None
+    run = ckpt.parent.parent
     path, n = run / f"eval_{ckpt.stem}_{split}.json", 1
     while path.exists():
         path, n = run / f"eval_{ckpt.stem}_{split}-{n}.json", n + 1
@@ -245,10 +246,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         result.update(task.extra_results(cfg, module, datamodule, trainer))
         write_metrics(Path(cfg.output_dir), result)
         beside = beside_checkpoint(cfg.ckpt_path, split)
-        beside.write_text(json.dumps(result, indent=2) + "\n")
-        result["beside_checkpoint"] = str(beside)
+        if beside is not None:
+            beside.write_text(json.dumps(result, indent=2) + "\n")
+            result["beside_checkpoint"] = str(beside)
         print(summary(result))
-        print(f"also written beside the checkpoint: {beside}")
+        if beside is not None:
+            print(f"also written beside the checkpoint: {beside}")
     return result
 
 

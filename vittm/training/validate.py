@@ -20,6 +20,9 @@ from vittm.training.checkpoints import load_checkpoint
 from vittm.training.model_checks import build_problem, interpolation_sources, model_config_problems
 from vittm.training.module import COMPILE_MODES, NONFINITE, is_compile_setting
 
+TASKS = ("classification", "segmentation")
+DECODERS = ("segmenter", "linear")  # vittm.tasks.segmentation.decoders (checked there too, with their keys)
+
 OPTIMIZERS = ("adamw", "sgd", "lamb")
 SCHEDULES = ("cosine", "poly")
 LOSSES = ("ce", "bce")
@@ -44,6 +47,15 @@ def validate(cfg: DictConfig) -> None:
             problems.append(f"{key}={value!r}: {rule}")
 
     need(cfg.mode in ("train", "eval", "summary"), "mode", cfg.mode, "choose train, eval or summary")
+    task = (cfg.get("task") or {}).get("name", "classification")
+    need(task in TASKS, "task.name", task, f"choose one of {list(TASKS)}")
+    if OmegaConf.is_missing(cfg.finetune, "from_ckpt"):
+        problems.append("finetune.from_ckpt=???: this preset starts from a classification checkpoint; set "
+                        "finetune.from_ckpt=<weights file> (ours, the authors', a timm ViT's), or "
+                        "finetune.from_ckpt=null to train from scratch (not the published protocol)")
+        return _raise(problems)
+    if task == "segmentation":
+        problems += segmentation_problems(cfg)
     need(_int(cfg.seed) and cfg.seed >= 0, "seed", cfg.seed, "must be an integer >= 0")
     if cfg.mode == "eval":
         need(bool(cfg.ckpt_path), "ckpt_path", cfg.ckpt_path, "mode=eval needs the checkpoint to evaluate")
@@ -168,8 +180,40 @@ def validate(cfg: DictConfig) -> None:
                 f"that run with resume=auto, or choose a new hydra.run.dir: nothing is overwritten"
             )
 
+    _raise(problems)
+
+
+def _raise(problems: list[str]) -> None:
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def segmentation_problems(cfg: DictConfig) -> list[str]:
+    """task.name=segmentation: an ADE20K-layout dataset, a known decoder, a sane evaluation window. The pipeline's
+    and the decoder's own keys are checked where they are built (vittm.data.seg_transforms, ...segmentation)."""
+    problems = []
+    d = cfg.data
+    if d.dataset != "ade20k":
+        problems.append(f"data.dataset={d.dataset!r}: task.name=segmentation reads the ADE20K layout; use data=ade20k "
+                        f"(data.root=...) or data=fmnist_scenes")
+        return problems
+    name = cfg.decoder.get("name")
+    if name not in DECODERS:
+        problems.append(f"decoder.name={name!r}: choose one of {list(DECODERS)}")
+    test = d.pipeline.get("test") or {}
+    if test.get("mode") not in ("slide", "whole"):
+        problems.append(f"data.pipeline.test.mode={test.get('mode')!r}: choose slide (windows) or whole (one forward)")
+    elif test["mode"] == "slide":
+        for key in ("crop", "stride"):
+            value = test.get(key)
+            if not (_int(value) and value > 0):
+                problems.append(f"data.pipeline.test.{key}={value!r}: an integer > 0 (pixels)")
+        if not problems and test["stride"] > test["crop"]:
+            problems.append(f"data.pipeline.test.stride={test['stride']}: at most the window "
+                            f"(data.pipeline.test.crop={test['crop']}), or pixels between windows go unpredicted")
+    if cfg.finetune.freeze != "none":
+        problems.append(f"finetune.freeze={cfg.finetune.freeze!r}: segmentation trains everything (none)")
+    return problems
 
 
 def model_problems(cfg: DictConfig) -> list[str]:
