@@ -3,7 +3,10 @@
 
 ``DIR``: a multirun folder (``hydra.sweep.dir``), or a folder of them (searched three levels down, e.g. a study's
 ``seeds1/<configuration>/`` folders). The jobs of every ``DIR`` are pooled: a study's tuning sweep (seed 0 over a
-grid) and its extra-seed sweeps at the chosen values report as one table.
+grid) and its extra-seed sweeps at the chosen values report as one table. The jobs' task (metrics.json's ``task``,
+else their config's ``task.name``; classification for older files) decides the metrics (``TASKS``): top-1 accuracy
+(``acc1``) for classification, mIoU (``miou``, with ``pixel_acc`` beside it) for segmentation. A report is for one
+task: jobs of two are refused.
 
 - ``--out OUT``: where to write (default: ``DIR`` when there is one; required with several);
 - ``--tune KEY`` (e.g. ``optimizer.lr``): per configuration (the swept values other than ``seed`` and ``KEY``), the
@@ -11,9 +14,10 @@ grid) and its extra-seed sweeps at the chosen values report as one table.
   configuration ran (so that seeds added at the chosen value afterwards cannot change the choice). The main table
   has one row per configuration at its chosen value, a second table the whole grid, and the plots use the chosen
   rows;
-- ``--select HEAD``: the validation metric that chooses, one of ``acc1`` (default: ``val/acc1``, what ``model(x)``
-  returns), ``memory_acc1``, ``process_acc1``, ``ema_memory_acc1``, ``ema_process_acc1``; a configuration
-  without that head (a baseline ViT's only head is ``acc1``) is chosen by ``acc1``.
+- ``--select HEAD``: the validation metric that chooses, by default the task's main one. Classification: ``acc1``
+  (default: ``val/acc1``, what ``model(x)`` returns), ``memory_acc1``, ``process_acc1``, ``ema_memory_acc1``,
+  ``ema_process_acc1``; a configuration without that head (a baseline ViT's only head is ``acc1``) is chosen by
+  ``acc1``. Segmentation: ``miou`` (default: ``val/miou``), ``ema_miou``, ``pixel_acc``.
 
 Reads every job folder's ``metrics.json`` (written by run.py for finished and failed jobs; ``final``: the validation
 split, ``test``: the test split once with the selected checkpoint, absent in older files) and ``.hydra/config.yaml``;
@@ -25,9 +29,10 @@ for jobs still running or killed, ``.hydra/overrides.yaml``, so a partial sweep 
   one row per configuration with mean ± sample std over its seeds (validation for selection, test reported) and its
   gap to the best row with whether the seeds support it, the tuning grid with ``--tune``, then the failed jobs with
   their errors and the jobs without a result yet;
-- ``acc_vs_macs.png`` and ``acc_vs_throughput.png`` (test accuracy, validation for sweeps without a test split) with
-  the Pareto front marked and one colour per configuration in both, and ``heatmap.png`` when two or more keys were
-  swept (the first two axes, one panel per value of the others, one colour scale for all panels).
+- ``acc_vs_macs.png`` and ``acc_vs_throughput.png`` (``miou_vs_...`` for segmentation: the main metric on the test
+  split, validation for sweeps without a test split) with the Pareto front marked and one colour per configuration in
+  both, and ``heatmap.png`` when two or more keys were swept (the first two axes, one panel per value of the others,
+  one colour scale for all panels).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import math
 import os
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +53,56 @@ from omegaconf.errors import OmegaConfBaseException
 
 from vittm.core.figures import colours, significant
 
-HEADS = {  # column suffix -> metric name after the split ("val", "test"); "_ema" marks the EMA weights
-    "acc1": "/acc1",  # what model(x) returns: the memory head for ViTTM, the only head for a baseline
-    "memory_acc1": "/memory_acc1",
-    "process_acc1": "/process_acc1",
-    "ema_memory_acc1": "_ema/memory_acc1",
-    "ema_process_acc1": "_ema/process_acc1",
-}
 SPLITS = {"val": "final", "test": "test"}  # column prefix -> the metrics.json entry holding that split's metrics
-METRIC_COLUMNS = {f"{split}_{head}": (entry, split + name)
-                  for split, entry in SPLITS.items() for head, name in HEADS.items()}
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the report reads and says for the jobs of one task (metrics.json's ``task``)."""
+
+    name: str
+    heads: dict[str, str]  # what --select may name: column suffix -> metric name after the split ("val", "test"),
+    # "_ema" marking the EMA weights; the first is the main metric (the default --select, the gap, plots, heat-map)
+    also: dict[str, str]  # further columns, reported only
+    metric: str  # the main metric in headings and notes
+    unit: str  # the plots' axis for it
+    of: str  # what it measures, on the plots' axis
+    about: str  # the note under the table
+    plots: str  # the plots' file names begin with it
+    budget: tuple[str, ...] = ()  # config keys of the budget besides BUDGET
+
+    @property
+    def main(self) -> str:
+        return next(iter(self.heads))
+
+    @property
+    def columns(self) -> dict[str, tuple[str, str]]:
+        """Column -> (the metrics.json entry, the metric's key in it)."""
+        return {f"{split}_{head}": (entry, split + key)
+                for split, entry in SPLITS.items() for head, key in (self.heads | self.also).items()}
+
+    def say(self, name: str) -> str:
+        """A column or head as headings write it (``val miou`` -> ``val mIoU``)."""
+        return name.replace(self.main, self.metric)
+
+
+TASKS = {task.name: task for task in (
+    Task("classification", heads={
+        "acc1": "/acc1",  # what model(x) returns: the memory head for ViTTM, the only head for a baseline
+        "memory_acc1": "/memory_acc1",
+        "process_acc1": "/process_acc1",
+        "ema_memory_acc1": "_ema/memory_acc1",
+        "ema_process_acc1": "_ema/process_acc1",
+    }, also={}, metric="acc1", unit="top-1 %", of="model(x)", plots="acc",
+         about="`acc1` is what `model(x)` returns (the memory head of a ViTTM, the only head of a baseline)."),
+    Task("segmentation", heads={"miou": "/miou", "ema_miou": "_ema/miou", "pixel_acc": "/pixel_acc"},
+         also={"ema_pixel_acc": "_ema/pixel_acc"}, metric="mIoU", unit="mIoU %", of="mean over classes", plots="miou",
+         about="`miou`: the mean over the classes of each class's intersection over union (mIoU); `pixel_acc`: the "
+               "share of pixels labelled right; `ema_`: with the EMA weights.",
+         budget=("decoder.", "data.pipeline.", "data.compose.")),  # the decoder, crops and scenes' recipe
+)}
+OLDER = "classification"  # the task of a finished job whose metrics.json and config name none (written before tasks)
+SELECT_HELP = "; ".join(f"{t.name}: {', '.join(t.heads)}" for t in TASKS.values())
 OTHER_COLUMNS = ("gmacs", "params_M", "train_images_per_s", "wall_seconds", "steps")
 HEATMAP_FIRST = ("model.memory_ps", "model.process_ps")  # preferred heat-map axes when both were swept
 BUDGET = ("seed", "model.", "optimizer.", "schedule.", "ema.", "loss.", "augment.", "data.dataset", "data.batch_size",
@@ -76,8 +122,8 @@ def text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def read_settings(path: Path) -> dict[str, str] | None:
-    """The budget keys (``BUDGET``) of a job's composed config, flattened to dotted keys, resolved where they can be
+def read_settings(path: Path, budget: tuple[str, ...] = BUDGET) -> dict[str, str] | None:
+    """The ``budget`` keys of a job's composed config, flattened to dotted keys, resolved where they can be
     outside Hydra (``${hydra:...}`` cannot), as text."""
     if not path.is_file():
         return None
@@ -89,7 +135,7 @@ def read_settings(path: Path) -> dict[str, str] | None:
             dotted = f"{prefix}{key}"
             if isinstance(value, dict):
                 walk(value, dotted + ".")
-            elif any(dotted == b or (b.endswith(".") and dotted.startswith(b)) for b in BUDGET):
+            elif any(dotted == b or (b.endswith(".") and dotted.startswith(b)) for b in budget):
                 try:
                     value = OmegaConf.select(cfg, dotted, throw_on_resolution_failure=True)
                     value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
@@ -118,7 +164,11 @@ def read_job(folder: Path, name: str) -> dict[str, Any]:
         "job": name, "status": metrics.get("status", "ok" if metrics.get("final") else "failed"),
         "overrides": dict(split_override(o) for o in overrides or []), "error": metrics.get("error", ""),
     }
-    for col, (entry, key) in METRIC_COLUMNS.items():
+    # a job without a result yet, or failed before its config was written, may not know its task: None
+    row["task"] = (metrics.get("task") or job_setting(folder, "task.name")
+                   or (OLDER if row["status"] == "ok" else None))
+    task = TASKS.get(row["task"], TASKS[OLDER])  # an unknown task is refused by task_of
+    for col, (entry, key) in task.columns.items():
         row[col] = (metrics.get(entry) or {}).get(key)
     row["gmacs"] = metrics["macs"] / 1e9 if metrics.get("macs") else None
     row["params_M"] = metrics["params"] / 1e6 if metrics.get("params") else None
@@ -129,7 +179,7 @@ def read_job(folder: Path, name: str) -> dict[str, Any]:
     schedule = metrics.get("schedule") if isinstance(metrics.get("schedule"), dict) else {}
     row["warmup_steps"] = fit.get("warmup_steps", schedule.get("warmup_steps"))
     row["ema_decay"] = fit.get("ema_decay", metrics.get("ema_decay"))
-    row["settings"] = read_settings(folder / ".hydra" / "config.yaml")
+    row["settings"] = read_settings(folder / ".hydra" / "config.yaml", BUDGET + task.budget)
     row["folder"] = folder
     return row
 
@@ -190,6 +240,32 @@ def collect(sweep_dirs: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def task_of(rows: list[dict[str, Any]]) -> Task:
+    """The one task of the jobs that name theirs (a table compares like with like); ``OLDER`` when none does."""
+    first: dict[str, Path] = {}  # task -> the first job folder of it
+    for row in rows:
+        if row["task"] is not None:
+            first.setdefault(row["task"], row["folder"])
+    if len(first) > 1:
+        (one, a), (other, b) = list(first.items())[:2]
+        raise SystemExit(f"error: jobs of different tasks cannot share a report: {a} is {one}, {b} is {other}; "
+                         "report each task's folders apart")
+    name = next(iter(first), OLDER)
+    if name not in TASKS:
+        raise SystemExit(f"error: {first[name]}: task {name!r}: the report knows {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def task_and_select(rows: list[dict[str, Any]], select: str | None) -> tuple[Task, str]:
+    """The jobs' task and the validation head that chooses (``None``: the task's main metric), refused when it is
+    not one of that task's."""
+    task = task_of(rows)
+    select = select or task.main
+    if select not in task.heads:
+        raise SystemExit(f"error: --select {select}: {task.name} jobs: choose one of {', '.join(task.heads)}")
+    return task, select
+
+
 def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
     """Override keys whose value differs between jobs (or is missing from some), in first-seen order. ``sweep``
     (a preset's name: its values come as overrides of their own) and ``hydra.*`` are not settings of a job."""
@@ -218,7 +294,7 @@ def config_of(row: dict[str, Any], keys: list[str]) -> tuple[str, ...]:
     return tuple(row["overrides"].get(k, "") for k in keys)
 
 
-def group(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+def group(rows: list[dict[str, Any]], keys: list[str], task: Task) -> list[dict[str, Any]]:
     """Finished jobs grouped by their values of ``keys``: ``n`` jobs, mean/std/count of every number."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
@@ -227,24 +303,25 @@ def group(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
     out = []
     for values, members in groups.items():
         summary: dict[str, Any] = dict(zip(keys, values, strict=True)) | {"n": len(members), "members": members}
-        for col in (*METRIC_COLUMNS, *OTHER_COLUMNS):
+        for col in (*task.columns, *OTHER_COLUMNS):
             summary[col], summary[f"{col}_std"], summary[f"{col}_n"] = mean_std([m[col] for m in members])
         out.append(summary)
     return out
 
 
-def choose(rows: list[dict[str, Any]], axes: list[str], key: str, select: str) -> list[dict[str, Any]]:
+def choose(rows: list[dict[str, Any]], axes: list[str], key: str, select: str | None = None) -> list[dict[str, Any]]:
     """The grid: one group per configuration (``axes``) x ``key`` value, each with ``score`` (mean validation
-    ``select`` over the seeds every value of its configuration ran, ``compared_on`` those seeds) and ``chosen`` (the
-    best score of its configuration)."""
-    grid = group(rows, [*axes, key])
+    ``select``, default the task's main metric, over the seeds every value of its configuration ran, ``compared_on``
+    those seeds) and ``chosen`` (the best score of its configuration)."""
+    task, select = task_and_select(rows, select)
+    grid = group(rows, [*axes, key], task)
     by_config: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for cell in grid:
         by_config[tuple(cell[a] for a in axes)].append(cell)
     for cells in by_config.values():
-        # a configuration without that head (a baseline ViT has no memory head) is chosen by its acc1
+        # a configuration without that head (a baseline ViT has no memory head) is chosen by its main metric
         has_head = any(m[f"val_{select}"] is not None for c in cells for m in c["members"])
-        metric = f"val_{select}" if has_head else "val_acc1"
+        metric = f"val_{select}" if has_head else f"val_{task.main}"
         seeds = [{seed_of(m) for m in c["members"]} for c in cells]
         common = set.intersection(*seeds)
         for cell in cells:
@@ -304,9 +381,11 @@ def seeds_note(counts: list[int]) -> str:
             "has no spread and shows no ±.")
 
 
-def reported_metric(table: list[dict[str, Any]]) -> str:
-    """test_acc1 when the jobs have a test split, else val_acc1 (older metrics.json: validation was all there was)."""
-    return "test_acc1" if any(g["test_acc1"] is not None for g in table) else "val_acc1"
+def reported_metric(table: list[dict[str, Any]], task: Task) -> str:
+    """The main metric on the test split when the jobs have one, else on the validation split (older metrics.json,
+    or a dataset without a separate test split)."""
+    test = f"test_{task.main}"
+    return test if any(g[test] is not None for g in table) else f"val_{task.main}"
 
 
 def budget_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -343,15 +422,16 @@ def spread(values: list[Any]) -> str | None:
     return f"{text(min(values))} to {text(max(values))} (differs between jobs)"
 
 
-def main_table(table: list[dict[str, Any]], axes: list[str], tune: str | None, select: str) -> list[str]:
-    reported = reported_metric(table)
-    has_test = reported == "test_acc1"
-    val_cols = list(dict.fromkeys(["val_acc1", f"val_{select}"])) if has_test else [
-        c for c in METRIC_COLUMNS if c.startswith("val_") and any(g[c] is not None for g in table)]
-    test_cols = [c for c in METRIC_COLUMNS if c.startswith("test_") and any(g[c] is not None for g in table)]
-    head = [*axes, *([tune] if tune else []), "seeds", *(c.replace("_", " ", 1) + " %" for c in val_cols + test_cols),
-            "GMACs", "params M", "train img/s (shared CPU)", "wall s", f"gap to best ({reported.split('_')[0]} acc1, "
-            "points)", "gap > 2 SE"]
+def main_table(table: list[dict[str, Any]], axes: list[str], tune: str | None, select: str, task: Task) -> list[str]:
+    reported = reported_metric(table, task)
+    split = reported.split("_")[0]
+    has_test = split == "test"
+    val_cols = list(dict.fromkeys([f"val_{task.main}", f"val_{select}"])) if has_test else [
+        c for c in task.columns if c.startswith("val_") and any(g[c] is not None for g in table)]
+    test_cols = [c for c in task.columns if c.startswith("test_") and any(g[c] is not None for g in table)]
+    head = [*axes, *([tune] if tune else []), "seeds",
+            *(task.say(c.replace("_", " ", 1)) + " %" for c in val_cols + test_cols), "GMACs", "params M",
+            "train img/s (shared CPU)", "wall s", f"gap to best ({split} {task.metric}, points)", "gap > 2 SE"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     ranked = sorted(table, key=lambda g: (g[reported] is None, -(g[reported] or 0)))
     best = ranked[0] if ranked and ranked[0][reported] is not None else None
@@ -362,22 +442,22 @@ def main_table(table: list[dict[str, Any]], axes: list[str], tune: str | None, s
         cells += [fmt(g[c], g[f"{c}_std"], percent=False) for c in ("train_images_per_s", "wall_seconds")]
         cells += gap_cells(g, best, reported) if best else ["–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
-    split = "test" if has_test else "validation"
     notes = [seeds_note([g["n"] for g in table]),
-             "`acc1` is what `model(x)` returns (the memory head of a ViTTM, the only head of a baseline). val: the "
-             "held-out validation split at the end of training" + (f", which chose `{tune}`" if tune else "")
+             f"{task.about} val: the held-out validation split at the end of training"
+             + (f", which chose `{tune}`" if tune else "")
              + "; test: the test split, evaluated once with the checkpoint the validation split selected."
              + ("" if has_test else " These jobs have no test metrics (metrics.json without `test`)."),
-             f"Gap: points of mean {split} acc1 below the best row; gap > 2 SE: whether it exceeds twice the standard "
-             "error of the difference, sqrt(s1²/n1 + s2²/n2) over the two rows' seeds (n/a with fewer than 2 seeds "
-             "in either).",
+             f"Gap: points of mean {'test' if has_test else 'validation'} {task.metric} below the best row; gap > 2 "
+             "SE: whether it exceeds twice the standard error of the difference, sqrt(s1²/n1 + s2²/n2) over the two "
+             "rows' seeds (n/a with fewer than 2 seeds in either).",
              f"train img/s: each job's training images per second, {SHARED_CPU} (python -m vittm.bench times "
              "models side by side)."]
     return lines + [line for note in notes for line in ("", note)]  # a paragraph each
 
 
-def grid_table(grid: list[dict[str, Any]], axes: list[str], tune: str, select: str) -> list[str]:
-    head = [*axes, tune, "seeds", f"val {select} % (all its seeds)", f"val {select} % compared (seeds)", "chosen"]
+def grid_table(grid: list[dict[str, Any]], axes: list[str], tune: str, select: str, task: Task) -> list[str]:
+    shown = task.say(select)
+    head = [*axes, tune, "seeds", f"val {shown} % (all its seeds)", f"val {shown} % compared (seeds)", "chosen"]
     lines = ["## Tuning grid", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     ordered = sorted(grid, key=lambda c: ([numeric_order(str(c[a])) for a in axes], numeric_order(str(c[tune]))))
     col = f"val_{select}"
@@ -387,24 +467,25 @@ def grid_table(grid: list[dict[str, Any]], axes: list[str], tune: str, select: s
         cells = [str(c[a]) for a in [*axes, tune]] + [str(c["n"]), fmt(c[col], c[f"{col}_std"], percent=True),
                                                        compared, "yes" if c["chosen"] else ""]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Per configuration, the `{tune}` value with the best mean val {select} over the seeds every value "
+    lines += ["", f"Per configuration, the `{tune}` value with the best mean val {shown} over the seeds every value "
               "of that configuration ran (so that seeds added later at the chosen value cannot change the choice); "
               "the test split plays no part."]
     return lines
 
 
-def markdown(rows: list[dict[str, Any]], table: list[dict[str, Any]], axes: list[str], title: str,
-             tune: str | None = None, grid: list[dict[str, Any]] | None = None, select: str = "acc1",
+def markdown(rows: list[dict[str, Any]], table: list[dict[str, Any]], axes: list[str], title: str, task: Task,
+             select: str, tune: str | None = None, grid: list[dict[str, Any]] | None = None,
              plots: list[str] = ()) -> str:
     lines = [f"# {title}", "", f"{len(rows)} jobs: " + ", ".join(
         f"{sum(r['status'] == s for r in rows)} {s}" for s in ("ok", "failed", "no result yet")) + ".", ""]
-    lines += [*budget_lines(rows), "", "## Results", "", *main_table(table, axes, tune, select)]
+    lines += [*budget_lines(rows), "", "## Results", "", *main_table(table, axes, tune, select, task)]
     if plots:
-        split = reported_metric(table).split("_")[0]
-        lines += ["", f"Plots ({split} acc1 of the rows above, Pareto front dashed; the throughput plot's images/s "
-                  f"are the table's, {SHARED_CPU}): " + ", ".join(f"[{p.removesuffix('.png')}]({p})" for p in plots)]
+        split = reported_metric(table, task).split("_")[0]
+        links = ", ".join(f"[{p.removesuffix('.png')}]({p})" for p in plots)
+        lines += ["", f"Plots ({split} {task.metric} of the rows above, Pareto front dashed; the throughput plot's "
+                  f"images/s are the table's, {SHARED_CPU}): {links}"]
     if tune and grid:
-        lines += ["", *grid_table(grid, axes, tune, select)]
+        lines += ["", *grid_table(grid, axes, tune, select, task)]
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         lines += ["", "## Failed jobs", "", "| job | error |", "| --- | --- |"]
@@ -417,8 +498,8 @@ def markdown(rows: list[dict[str, Any]], table: list[dict[str, Any]], axes: list
     return "\n".join(lines) + "\n"
 
 
-def write_csv(rows: list[dict[str, Any]], keys: list[str], path: Path) -> None:
-    fields = ["job", "status", *keys, *METRIC_COLUMNS, *OTHER_COLUMNS, "error"]
+def write_csv(rows: list[dict[str, Any]], keys: list[str], task: Task, path: Path) -> None:
+    fields = ["job", "status", *keys, *task.columns, *OTHER_COLUMNS, "error"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -442,8 +523,8 @@ def label(g: dict[str, Any], axes: list[str]) -> str:
 
 
 
-def scatter(groups: list[dict[str, Any]], axes: list[str], metric: str, x: str, xlabel: str, higher_x_better: bool,
-            palette: dict[str, tuple], title: str = ""):
+def scatter(groups: list[dict[str, Any]], axes: list[str], task: Task, metric: str, x: str, xlabel: str,
+            higher_x_better: bool, palette: dict[str, tuple], title: str = ""):
     import matplotlib.pyplot as plt
 
     shown = [g for g in groups if g[x] is not None and g[metric] is not None]
@@ -457,14 +538,14 @@ def scatter(groups: list[dict[str, Any]], axes: list[str], metric: str, x: str, 
         front = pareto(points, higher_x_better)
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", label="Pareto front")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the points stay visible
-    ax.set(xlabel=xlabel, ylabel=f"{metric.split('_')[0]} top-1 % (model(x), mean ± std over seeds)", title=title)
+    ax.set(xlabel=xlabel, ylabel=f"{metric.split('_')[0]} {task.unit} ({task.of}, mean ± std over seeds)", title=title)
     ax.grid(alpha=0.3)
     return fig
 
 
-def heatmap(groups: list[dict[str, Any]], axes: list[str], metric: str, tune: str | None = None):
+def heatmap(groups: list[dict[str, Any]], axes: list[str], task: Task, metric: str, tune: str | None = None):
     """Mean ``metric`` over the first two axes (memory_ps x process_ps when swept), a panel per value of the rest,
-    all on one colour scale (a colour means the same accuracy in every panel). None with fewer than two axes."""
+    all on one colour scale (a colour means the same value in every panel). None with fewer than two axes."""
     if len(axes) < 2 or not groups:
         return None
     import matplotlib.pyplot as plt
@@ -492,7 +573,7 @@ def heatmap(groups: list[dict[str, Any]], axes: list[str], metric: str, tune: st
                         color="k" if light else "w", fontsize=8)
         ax.set(xticks=range(len(cols_v)), xticklabels=cols_v, yticks=range(len(rows_v)), yticklabels=rows_v,
                xlabel=pair[1], ylabel=pair[0], title=", ".join(f"{a}={v}" for a, v in zip(rest, panel, strict=True)))
-    fig.colorbar(image, ax=axs[0].tolist(), label=f"{metric.split('_')[0]} top-1 %")  # one scale for all panels
+    fig.colorbar(image, ax=axs[0].tolist(), label=f"{metric.split('_')[0]} {task.unit}")  # one scale for all panels
     return fig
 
 
@@ -504,7 +585,7 @@ def save(fig: Any, path: Path) -> None:
 
 
 def report(sweep_dirs: Path | list[Path], out: Path | None = None, tune: str | None = None,
-           select: str = "acc1") -> dict[str, Any]:
+           select: str | None = None) -> dict[str, Any]:
     dirs = [sweep_dirs] if isinstance(sweep_dirs, Path) else list(sweep_dirs)
     for d in dirs:
         if not d.is_dir():
@@ -512,12 +593,11 @@ def report(sweep_dirs: Path | list[Path], out: Path | None = None, tune: str | N
                              "(hydra.sweep.dir, e.g. outputs/<study>/multiruns/<time>)")
     if out is None and len(dirs) > 1:
         raise SystemExit("error: several sweep folders: give --out, where the pooled report goes")
-    if select not in HEADS:
-        raise SystemExit(f"error: --select {select}: choose one of {', '.join(HEADS)}")
     rows = collect(dirs)
     if not rows:
         raise SystemExit(f"error: sweep_dir={', '.join(map(str, dirs))}: holds no job folders (none has "
                          "metrics.json or .hydra/overrides.yaml)")
+    task, select = task_and_select(rows, select)
     swept = settle_swept(rows)
     if tune and not any(tune in r["overrides"] for r in rows):
         raise SystemExit(f"error: --tune {tune}: no job overrides it (swept: {', '.join(swept) or 'nothing'})")
@@ -528,21 +608,21 @@ def report(sweep_dirs: Path | list[Path], out: Path | None = None, tune: str | N
     matplotlib.use("Agg")
     axes = [k for k in swept if k not in ("seed", tune)]
     grid = choose(rows, axes, tune, select) if tune else None
-    table = [c for c in grid if c["chosen"]] if grid is not None else group(rows, axes)
+    table = [c for c in grid if c["chosen"]] if grid is not None else group(rows, axes, task)
     keys = [*axes, *([tune] if tune else []), *(["seed"] if "seed" in swept else [])]
-    write_csv(rows, keys, out / "report.csv")
-    metric = reported_metric(table)
+    write_csv(rows, keys, task, out / "report.csv")
+    metric = reported_metric(table, task)
     palette = colours([label(g, axes) for g in table])
-    save(scatter(table, axes, metric, "gmacs", "GMACs per image", False, palette), out / "acc_vs_macs.png")
-    save(scatter(table, axes, metric, "train_images_per_s", "training images / s (jobs sharing the CPU)", True,
-                 palette, title=f"images/s {SHARED_CPU}"), out / "acc_vs_throughput.png")
-    plots = ["acc_vs_macs.png", "acc_vs_throughput.png"]
-    fig = heatmap(table, axes, metric, tune)
+    plots = [f"{task.plots}_vs_macs.png", f"{task.plots}_vs_throughput.png"]
+    save(scatter(table, axes, task, metric, "gmacs", "GMACs per image", False, palette), out / plots[0])
+    save(scatter(table, axes, task, metric, "train_images_per_s", "training images / s (jobs sharing the CPU)", True,
+                 palette, title=f"images/s {SHARED_CPU}"), out / plots[1])
+    fig = heatmap(table, axes, task, metric, tune)
     if fig is not None:
         save(fig, out / "heatmap.png")
         plots.append("heatmap.png")
     title = ("Sweep " if len(dirs) == 1 else "Sweeps ") + ", ".join(d.name for d in dirs)
-    (out / "report.md").write_text(markdown(rows, table, axes, title, tune, grid, select, plots))
+    (out / "report.md").write_text(markdown(rows, table, axes, title, task, select, tune, grid, plots))
     files = ["report.csv", "report.md", *plots]
     return {"rows": rows, "groups": table, "grid": grid, "axes": axes, "files": [out / f for f in files]}
 
@@ -553,8 +633,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the one multirun folder)")
     parser.add_argument("--tune", default=None, metavar="KEY",
                         help="choose this swept setting per configuration on the validation split, e.g. optimizer.lr")
-    parser.add_argument("--select", default="acc1", choices=list(HEADS),
-                        help="validation metric that chooses with --tune (default: acc1 = val/acc1)")
+    parser.add_argument("--select", default=None, metavar="HEAD",
+                        help="validation metric that chooses with --tune (default: the task's main one, acc1 = "
+                             f"val/acc1 or miou = val/miou); {SELECT_HELP}")
     args = parser.parse_args(argv)
     result = report(args.sweep_dirs, args.out, args.tune, args.select)
     print(result["files"][1].read_text())

@@ -46,7 +46,7 @@ class SegmentationTask:
             model=plain(cfg.model), decoder=plain(cfg.decoder), num_classes=num_classes,
             optimizer=plain(cfg.optimizer), schedule=plain(cfg.schedule), loss=plain(cfg.loss),
             test=plain(cfg.data.pipeline.test), ema=plain(cfg.ema), compile=cfg.compile,
-            log_grad_norm=cfg.log_grad_norm, nonfinite=cfg.nonfinite, class_names=cfg.data.get("class_names"),
+            log_grad_norm=cfg.log_grad_norm, nonfinite=cfg.nonfinite, class_names=plain(cfg.data.get("class_names")),
         )
 
     @staticmethod
