@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.setup-stamp
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup run test test-all timm-contract lint bench bench-data report clean
+.PHONY: setup run test test-all timm-contract lint bench bench-seg bench-data report clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup.sh
@@ -29,6 +29,11 @@ timm-contract: $(STAMP)
 # ViTTM vs ViT side by side (README "Performance"); ARGS adds Hydra overrides, e.g. ARGS='bench.modes=[train]'
 bench: $(STAMP)
 	$(PY) -m vittm.bench 'bench.models=[vit_base_patch16_224,vittm_base,vit_small_patch16_224,vittm_small]' $(ARGS)
+
+# Segmentation forward (backbone + Segmenter decoder, batch 1, 512², sliding window, fp32) of ViTTM-B vs ViT-B
+# (README "Segmentation"); ARGS adds options, e.g. ARGS='--images 50'
+bench-seg: $(STAMP)
+	$(PY) -m vittm.bench.segmentation --models vittm_b vit_b $(ARGS)
 
 # Table + plots of a sweep: make report DIR=outputs/<study>/multiruns/<time> [ARGS='--out somewhere']
 report: $(STAMP)

@@ -40,12 +40,14 @@ class SegmentationModule(TrainingModule):
         log_grad_norm: bool = False,
         nonfinite: str = "stop",
         class_names: list[str] | None = None,
+        img_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.num_classes = num_classes
-        self.net = SegmentationNet(model=model, decoder=decoder, num_classes=num_classes,
-                                   features=decoder.get("features", "auto"))
+        # built at the training crop (img_size), as the authors do: a 224-px classifier's position tables are
+        # resampled to the crop's grid once, when its weights are loaded
+        self.net = SegmentationNet(model=model, decoder=decoder, num_classes=num_classes, img_size=img_size)
         self.init_training()
         smoothing = (loss or {}).get("label_smoothing", 0.0)
         self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE, label_smoothing=smoothing)

@@ -47,6 +47,7 @@ class SegmentationTask:
             optimizer=plain(cfg.optimizer), schedule=plain(cfg.schedule), loss=plain(cfg.loss),
             test=plain(cfg.data.pipeline.test), ema=plain(cfg.ema), compile=cfg.compile,
             log_grad_norm=cfg.log_grad_norm, nonfinite=cfg.nonfinite, class_names=plain(cfg.data.get("class_names")),
+            img_size=cfg.data.pipeline.crop_size,
         )
 
     @staticmethod
