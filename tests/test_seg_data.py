@@ -327,7 +327,7 @@ def test_module_keys_are_checked(ade: Path) -> None:
 # -------------------------------------------------------------------------------------- Fashion-MNIST scenes
 needs_fmnist = pytest.mark.skipif(bool(fashion_mnist.missing_files(fashion_mnist.DEBIAN_ROOT)),
                                   reason="needs Debian's dataset-fashion-mnist")
-TINY = SceneRecipe(n_train=20, n_val=5)
+TINY = SceneRecipe(n_train=20, n_val=5, overlap=1, fill_holes=0)  # every garment placed, masks as thresholded
 
 
 @pytest.fixture(scope="module")
@@ -370,6 +370,23 @@ def test_scene_masks_match_the_painting(scenes: Path) -> None:
         assert np.abs(jpeg.astype(int) - grey[i]).mean() < 3  # JPEG quality 95
     sources = [g[0] for scene in garments for g in scene]
     assert len(set(sources)) == len(sources)  # no image twice in a split while enough remain
+
+
+@needs_fmnist
+def test_scenes_without_overlap_keep_garments_apart_with_whole_silhouettes() -> None:
+    data = fashion_mnist.FashionMNIST(fashion_mnist.DEBIAN_ROOT, "train")
+    recipe = SceneRecipe(n_train=40, n_val=5, min_garments=2, max_garments=3, min_side=22, max_side=32)
+    grey, masks, garments = render(recipe, data.images[:, 0].numpy(), data.targets.numpy(), 40, 0)
+    for i in range(40):
+        assert 1 <= len(garments[i]) <= 3
+        boxes = [(top, left, side) for _, _, side, top, left in garments[i]]
+        for a, (y, x, s) in enumerate(boxes):
+            for yy, xx, ss in boxes[a + 1:]:  # no two boxes meet
+                assert y + s <= yy or yy + ss <= y or x + s <= xx or xx + ss <= x
+        assert (grey[i][masks[i] == 1] == 0).all()  # background is black
+        for _, cls, side, top, left in garments[i]:  # each box holds its garment's class or background only
+            assert set(np.unique(masks[i][top:top + side, left:left + side]).tolist()) <= {1, 2 + cls}
+    assert sum(len(g) for g in garments) > 2 * 40 * 0.9  # few garments find no free place
 
 
 def test_scene_draws_reuse_images_only_when_exhausted() -> None:

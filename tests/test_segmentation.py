@@ -89,7 +89,8 @@ def test_every_decoder_trains_on_every_backbone(tmp_path, ade, decoder, backbone
         "vit": ["model=vit_fmnist", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.img_size=32",
                 "model.patch_size=8"],
     }
-    result = run(tmp_path, ade, f"decoder={decoder}", *models[backbone], "trainer.max_steps=2", "ema.enabled=false",
+    result = run(tmp_path, ade, f"decoder={decoder}", "decoder.features=auto", *models[backbone], "trainer.max_steps=2",
+                 "ema.enabled=false",
                  "checkpoint.save=false")
     assert result["steps"] == 2 and 0 <= result["test"]["test/miou"] <= 1
 
@@ -121,28 +122,31 @@ def test_eval_scores_a_checkpoint_on_the_test_split(tmp_path, ade):
 
 @pytest.mark.parametrize("policy", ["fail", "skip"])
 def test_a_label_outside_the_classes_fails_or_is_skipped_and_counted(tmp_path, policy):
-    root = make_ade(tmp_path / "ade", bad={"training_003": 200, "validation_001": 77})
-    overrides = [f"data.on_bad_mask={policy}", "data.val_split=0"]  # every training image is read once
+    # in the validation folder: every one of its images is read (training reads whole batches only)
+    root = make_ade(tmp_path / "ade", bad={"validation_003": 200, "validation_001": 77})
+    overrides = [f"data.on_bad_mask={policy}", "data.val_split=0"]
     if policy == "fail":
-        with pytest.raises(ConfigError, match=r"training_003\.png.*label 200"):
+        with pytest.raises(ConfigError, match=r"validation_001\.png has label 76, outside 0\.\.3"):
             run(tmp_path / "run", root, *overrides)
     else:
         result = run(tmp_path / "run", root, *overrides)
         assert result["bad_images"] == 2
         logged = (tmp_path / "run" / "bad_images.txt").read_text()
-        assert "training_003.png" in logged and "validation_001.png" in logged
+        assert "validation_003.png" in logged and "validation_001.png" in logged
 
 
 def test_a_mask_of_another_size_is_refused(tmp_path):
     root = make_ade(tmp_path / "ade")
-    Image.fromarray(np.ones((20, 20), np.uint8), mode="L").save(root / "annotations" / "training" / "training_002.png")
-    with pytest.raises(ConfigError, match=r"training_002"):
+    Image.fromarray(np.ones((20, 20), np.uint8), mode="L").save(root / "annotations" / "validation" /
+                                                                  "validation_002.png")
+    with pytest.raises(ConfigError, match=r"validation_002\.png is 20x20 but its image"):
         run(tmp_path / "run", root, "data.on_bad_mask=fail", "data.val_split=0")
 
 
 def tiny_preset(experiment: str, ade: Path) -> list[str]:
     """An ADE20K preset with the sizes shrunk to seconds on a CPU; every other flag as the preset sets it."""
-    shrink = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "decoder.d_model=32", "decoder.n_heads=2"]
+    shrink = ["++model.embed_dim=32", "++model.depth=2", "++model.num_heads=2", "decoder.d_model=32",
+              "decoder.n_heads=2"]
     sizes = {"segmenter_ade20k_vittm_b": ["model.img_size=64", "data.pipeline.crop_size=64",
                                           "data.pipeline.test.crop=64", "data.pipeline.test.stride=48"],
              "segmenter_ade20k_vittm_b_28": ["model.img_size=56", "data.pipeline.crop_size=56",
@@ -159,9 +163,9 @@ def tiny_preset(experiment: str, ade: Path) -> list[str]:
                                         "segmenter_ade20k_vit_b"])
 def test_the_ade20k_presets_compose_and_train_a_few_steps(tmp_path, ade, experiment):
     preset = tiny_preset(experiment, ade)
-    with pytest.raises(ConfigError, match=r"finetune\.from_ckpt=\?\?\?"):  # the protocol starts from a checkpoint
-        train(compose_cfg(tmp_path / "refused", *preset))
-    cfg = compose_cfg(tmp_path / "run", *preset, "finetune.from_ckpt=null")
+    with pytest.raises(ConfigError, match=r"finetune\.from_ckpt=None: this preset starts from a classification"):
+        train(compose_cfg(tmp_path / "refused", *preset))  # the protocol starts from a checkpoint
+    cfg = compose_cfg(tmp_path / "run", *preset, "finetune.required=false")
     assert cfg.optimizer.opt == "sgd" and cfg.schedule.name == "poly" and cfg.task.name == "segmentation"
     assert cfg.data.pipeline.test.mode == "slide" and cfg.ema.enabled
     result = train(cfg)
@@ -181,6 +185,7 @@ def test_the_preset_starts_from_a_classification_checkpoint(tmp_path, ade):
                       "optimizer.lr=1e-9", "ema.enabled=false")
     train(cfg)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    key = "net.backbone.layers.0.process_layer.attn.qkv.weight"
     source = {f"net.backbone.{k}": v for k, v in classifier.state_dict().items()}
-    assert key in state and torch.allclose(state[key], source[key], atol=1e-6)  # lr ~0: still the loaded weights
+    shared = [k for k in state if k.startswith("net.backbone.layers.0.") and k in source]
+    assert len(shared) > 10  # lr ~0: still the loaded weights
+    assert all(torch.allclose(state[k], source[k], atol=1e-6) for k in shared)

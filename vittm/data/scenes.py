@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from scipy.ndimage import binary_fill_holes
 
 from vittm.core.errors import ConfigError
 from vittm.data import fashion_mnist
@@ -48,6 +49,10 @@ class SceneRecipe:
     min_side: int = 20
     max_side: int = 40
     threshold: float = 0.2
+    overlap: int = 0  # 0: garments never overlap (each is placed at the first of ``tries`` drawn positions whose box
+    # keeps clear of the boxes placed before; none: the garment is left out); 1: anywhere, later ones occlude
+    tries: int = 30
+    fill_holes: int = 1  # 1: a garment's mask is its silhouette (dark pixels enclosed by it are its own too)
     n_train: int = 12000
     n_val: int = 1000
     seed: int = 0
@@ -71,6 +76,9 @@ class SceneRecipe:
         need(self.min_side <= self.max_side <= self.canvas, "max_side",
              f"in min_side..canvas ({self.min_side}..{self.canvas}): garments lie fully inside the canvas")
         need(0 <= self.threshold < 1, "threshold", "in [0, 1): a garment's pixel value (of 1.0) above it is painted")
+        need(self.overlap in (0, 1), "overlap", "0 (garments never overlap) or 1 (later ones occlude earlier ones)")
+        need(self.tries >= 1, "tries", "at least 1 position to try per garment")
+        need(self.fill_holes in (0, 1), "fill_holes", "0 or 1 (fill the holes of each garment's mask)")
         need(self.n_train >= 1, "n_train", "at least 1 scene")
         need(self.n_val >= 1, "n_val", "at least 1 scene")
         need(self.seed >= 0, "seed", "an integer >= 0")
@@ -92,10 +100,22 @@ def _draws(recipe: SceneRecipe, n_scenes: int, n_source: int, rng: np.random.Gen
     # Source images without repeats while they last: successive permutations of the split.
     order = np.concatenate([rng.permutation(n_source) for _ in range(-(-total // n_source))])[:total]
     side = rng.integers(recipe.min_side, recipe.max_side + 1, size=total)
-    top = rng.integers(0, recipe.canvas - side + 1)
-    left = rng.integers(0, recipe.canvas - side + 1)
+    # (total, tries) candidate positions: without overlap a garment takes the first that is free
+    top = rng.integers(0, (recipe.canvas - side + 1)[:, None], size=(total, recipe.tries))
+    left = rng.integers(0, (recipe.canvas - side + 1)[:, None], size=(total, recipe.tries))
     return {"start": np.concatenate([[0], np.cumsum(count)]), "source": order, "side": side, "top": top,
             "left": left}
+
+
+def free_spot(tops: np.ndarray, lefts: np.ndarray, side: int, placed: list[tuple[int, ...]],
+              overlap: int) -> tuple[int, int] | None:
+    """The first candidate (top, left) whose side x side box meets no box placed before (any first one with
+    ``overlap``); ``placed`` holds (source, class, side, top, left) tuples."""
+    for y, x in zip(tops.tolist(), lefts.tolist(), strict=True):
+        if overlap or all(y + side <= py or py + ps <= y or x + side <= px or px + ps <= x
+                          for _, _, ps, py, px in placed):
+            return y, x
+    return None
 
 
 def render(recipe: SceneRecipe, images: np.ndarray, labels: np.ndarray, n_scenes: int, stream: int,
@@ -126,9 +146,15 @@ def render(recipe: SceneRecipe, images: np.ndarray, labels: np.ndarray, n_scenes
     for i in range(first, last):
         placed = []
         for g in range(int(d["start"][i]), int(d["start"][i + 1])):
-            src, s, y, x = int(d["source"][g]), int(d["side"][g]), int(d["top"][g]), int(d["left"][g])
+            src, s = int(d["source"][g]), int(d["side"][g])
+            spot = free_spot(d["top"][g], d["left"][g], s, placed, recipe.overlap)
+            if spot is None:  # no free place for it in this scene
+                continue
+            y, x = spot
             value = resized[g]
             on = value > recipe.threshold  # the garment's own mask (s, s)
+            if recipe.fill_holes:
+                on = binary_fill_holes(on)
             canvases[i - first, y:y + s, x:x + s][on] = value[on]
             masks[i - first, y:y + s, x:x + s][on] = 2 + int(labels[src])
             placed.append((src, int(labels[src]), s, y, x))

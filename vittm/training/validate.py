@@ -49,11 +49,11 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.mode in ("train", "eval", "summary"), "mode", cfg.mode, "choose train, eval or summary")
     task = (cfg.get("task") or {}).get("name", "classification")
     need(task in TASKS, "task.name", task, f"choose one of {list(TASKS)}")
-    if OmegaConf.is_missing(cfg.finetune, "from_ckpt"):
-        problems.append("finetune.from_ckpt=???: this preset starts from a classification checkpoint; set "
+    if cfg.finetune.get("required") and not cfg.finetune.from_ckpt and cfg.mode == "train" and not cfg.ckpt_path \
+            and not cfg.get("resume"):
+        problems.append("finetune.from_ckpt=None: this preset starts from a classification checkpoint; set "
                         "finetune.from_ckpt=<weights file> (ours, the authors', a timm ViT's), or "
-                        "finetune.from_ckpt=null to train from scratch (not the published protocol)")
-        return _raise(problems)
+                        "finetune.required=false to train from scratch (not the published protocol)")
     if task == "segmentation":
         problems += segmentation_problems(cfg)
     need(_int(cfg.seed) and cfg.seed >= 0, "seed", cfg.seed, "must be an integer >= 0")

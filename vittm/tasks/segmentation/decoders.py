@@ -66,13 +66,14 @@ class SegmenterDecoder(nn.Module):
         backbone_dim: int | None = None,
         d_model: int | None = None,
         n_layers: int = 2,
-        n_heads: int = 12,
+        n_heads: int | None = None,
         mlp_ratio: float = 4.0,
         drop_path: float = 0.1,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
         d_model = d_model if d_model is not None else (backbone_dim or in_dim)
+        n_heads = n_heads if n_heads is not None else max(1, d_model // 64)  # ViT-B's heads of 64: 12 at 768
         for key, value in (("in_dim", in_dim), ("num_classes", num_classes), ("d_model", d_model),
                            ("n_layers", n_layers), ("n_heads", n_heads)):
             positive_int(key, value)

@@ -77,6 +77,7 @@ class SegmentationTask:
         columns = sorted(module.per_class_iou)
         written: dict[str, Any] = {}
         if columns:
+            out.mkdir(parents=True, exist_ok=True)
             path = out / "per_class_iou.csv"
             with path.open("w", newline="") as f:
                 writer = csv.writer(f)
