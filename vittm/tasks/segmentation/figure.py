@@ -8,9 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vittm.data.seg_transforms import IGNORE_INDEX as IGNORE
 from vittm.tasks.segmentation.inference import predict_labels
-
-IGNORE = 255
 
 
 def palette(num_classes: int) -> np.ndarray:

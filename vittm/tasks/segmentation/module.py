@@ -16,12 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from vittm.data.seg_transforms import IGNORE_INDEX as IGNORE
 from vittm.tasks.segmentation.inference import predict_labels
 from vittm.tasks.segmentation.metrics import SegmentationMetrics
 from vittm.tasks.segmentation.network import SegmentationNet
 from vittm.training.module import TrainingModule
 
-IGNORE = 255  # the label of pixels no loss or metric counts (ADE20K's "other" after reduce_zero_label, padding)
+# IGNORE: the label no loss or metric counts (ADE20K's "other" after reduce_zero_label, crop padding)
 
 
 class SegmentationModule(TrainingModule):
