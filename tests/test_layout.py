@@ -4,6 +4,7 @@ bench, studies. Checked on the import statements of every module, so a new upwar
 from __future__ import annotations
 
 import ast
+import gc
 from pathlib import Path
 
 import vittm
@@ -12,9 +13,26 @@ import vittm
 ROOMS = {"core": 0, "models": 1, "data": 1, "training": 2, "tasks": 3, "bench": 4, "studies": 4}
 
 
+def parse(source: str) -> ast.Module:
+    """ast.parse with the garbage collector held off. In CPython 3.11 (CI has 3.11.7) the AST builder keeps its
+    recursion-depth counter in state shared by the whole interpreter. A collection in the middle of a build can run
+    Python code (finalizers left by earlier tests: numba's raise in theirs), and if that code parses source itself,
+    or lets another thread do so, the counter is reset under the outer build, which then raises "SystemError: AST
+    constructor recursion depth mismatch" (cpython gh-106905 and its neighbours). Seen once in CI. With the
+    collector off, the build runs no Python code, so nothing can interleave."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        return ast.parse(source)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def imports(path: Path) -> set[str]:
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vittm."):
             found.add(node.module.split(".")[1])
         elif isinstance(node, ast.Import):
